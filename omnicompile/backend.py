@@ -1,0 +1,166 @@
+"""The ``omnicache`` torch.compile backend.
+
+``OmniCache.__call__(gm, example_inputs)`` is what Dynamo calls once per graph:
+
+1. analysis passes (``omnicompile.passes``): repeated blocks, units, streams, spans, the
+   timestep input;
+2. the policy (``omnicompile.policies``) says whether the graph is rewritten at all;
+3. the rewrite (guarded reuse branches) and the inner backend (Inductor, or eager) build
+   the compiled callables, held by a :class:`~omnicompile.runtime.GraphRuntime`.
+
+Whenever any of that cannot be done safely — no repeated blocks, no timestep input, a span
+whose outputs are not streams, a training graph, an exception in a rewrite — the original
+graph goes to the inner backend unchanged and the graph's report carries the reason.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from omnicompile.config import OmniCacheConfig
+from omnicompile.errors import OmniCacheError
+from omnicompile.passes.blocks import find_blocks
+from omnicompile.passes.common import Reason, is_param_placeholder
+from omnicompile.passes.spans import find_spans
+from omnicompile.policies import make_policy
+from omnicompile.report import GraphReport, Report, SpanReport
+from omnicompile.runtime import GraphRuntime
+
+log = logging.getLogger("omnicompile")
+
+__all__ = ["OmniCache", "omnicache_backend", "inner_compiler"]
+
+_graph_ids = itertools.count()
+
+
+def inner_compiler(name: str) -> Callable[[fx.GraphModule, list], Callable]:
+    if name == "eager":
+        return lambda gm, example_inputs: gm.forward
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx
+
+
+class OmniCache:
+    """The backend object: ``torch.compile(model, backend=OmniCache(policy=..., ...))``.
+
+    Accepts the fields of :class:`~omnicompile.config.OmniCacheConfig` as keywords (or a
+    config/dict as the single positional argument).  Keeps one report per compiled graph.
+    """
+
+    __name__ = "omnicache"  # torch.compile names the compiler after this
+
+    def __init__(self, config: Optional[OmniCacheConfig | dict] = None, **fields):
+        self.config = OmniCacheConfig.from_options(config, **fields)
+        self._graphs: list[tuple[GraphReport, Optional[GraphRuntime]]] = []
+
+    # ------------------------------------------------------------------ public
+    def report(self) -> Report:
+        return Report([r for r, _ in self._graphs])
+
+    def reset(self) -> None:
+        """Forget every cache and step counter (the next call starts a new generation)."""
+        for _, rt in self._graphs:
+            if rt is not None:
+                rt.reset()
+
+    @property
+    def runtimes(self) -> list[GraphRuntime]:
+        return [rt for _, rt in self._graphs if rt is not None]
+
+    # ------------------------------------------------------------------ backend
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
+                 mode: Optional[str] = None):
+        cfg = self.config.replace(**options) if options else self.config
+        if mode not in (None, "default"):
+            log.warning("omnicache ignores torch.compile mode=%r; Inductor options go through "
+                        "the inner backend's defaults", mode)
+        gid = next(_graph_ids)
+        policy = make_policy(cfg)
+        report = GraphReport(graph_id=gid, nodes=len(gm.graph.nodes), cached=False,
+                             policy=policy.describe(), inner_backend=cfg.inner_backend)
+        inner = inner_compiler(cfg.inner_backend)
+        self._dump(cfg, gid, "before", gm.code)
+
+        def fallback(reason: Reason, warn: bool = True):
+            report.fallback = reason
+            if warn:
+                log.warning("omnicache: graph %d compiled without caching: %s", gid, reason)
+            self._graphs.append((report, None))
+            return inner(gm, example_inputs)
+
+        if not policy.rewrites:
+            return fallback(Reason("policy_none", f"policy {cfg.policy!r} does not rewrite graphs"), warn=False)
+        try:
+            blocks = find_blocks(gm)
+            report.block_lists = blocks.summary()
+            analysis = find_spans(gm, blocks)
+        except Exception as e:  # an analysis bug must never break the user's model
+            log.exception("omnicache: analysis failed")
+            return fallback(Reason("analysis_failed", f"{type(e).__name__}: {e}"))
+        report.refused = list(blocks.reasons) + list(analysis.refused)
+        report.spans = [SpanReport(s.name, s.last_unit - s.first_unit + 1, [st.name for st in s.live_streams],
+                                   [n.name for n in s.side_inputs], s.flops) for s in analysis.spans]
+        report.timestep_input = analysis.timestep.name if analysis.timestep is not None else None
+        report.flops_per_call = _graph_flops(gm)
+        if not analysis.spans:
+            first = next((r for r in report.refused if r.code != "no_module_metadata"), None)
+            return fallback(first or Reason("no_spans", "no cacheable span"))
+        if analysis.timestep is None:
+            return fallback(Reason("no_timestep", "no timestep input found: cannot tell denoising steps apart"))
+        if torch.is_grad_enabled() and any(
+                isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+            return fallback(Reason("training_graph", "gradients are enabled: caching is for inference; "
+                                   "call the model under torch.no_grad() or torch.inference_mode()"))
+        guard = cfg.guard if cfg.guard != "auto" else ("variants" if policy.static else "cond")
+        report.guard = guard
+        try:
+            rt = GraphRuntime(gm, example_inputs, analysis, cfg, policy, report, inner, guard)
+        except OmniCacheError as e:
+            return fallback(Reason(getattr(e, "code", "rewrite_failed"), str(e), getattr(e, "subject", "")))
+        except Exception as e:
+            log.exception("omnicache: rewrite or inner compile failed")
+            return fallback(Reason("rewrite_failed", f"{type(e).__name__}: {e}"))
+        report.cached = True
+        for name, code in rt.dumps.items():
+            self._dump(cfg, gid, f"after_{name}", code)
+        self._graphs.append((report, rt))
+        return rt
+
+    @staticmethod
+    def _dump(cfg: OmniCacheConfig, gid: int, what: str, code: str) -> None:
+        if not cfg.dump_dir:
+            return
+        os.makedirs(cfg.dump_dir, exist_ok=True)
+        with open(os.path.join(cfg.dump_dir, f"graph{gid}_{what}.py"), "w") as f:
+            f.write(code)
+
+
+def _graph_flops(gm: fx.GraphModule) -> int:
+    from omnicompile.graphs.cost import node_flops
+    return sum(node_flops(n) for n in gm.graph.nodes)
+
+
+_string_instances: list[OmniCache] = []
+
+
+def omnicache_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
+                      mode: Optional[str] = None):
+    """``torch.compile(model, backend="omnicache", options={...})`` lands here.
+
+    Each compiled graph gets its own :class:`OmniCache`; ``omnicompile.last_report()``
+    returns the report of the most recent one.
+    """
+    oc = OmniCache(options or {})
+    _string_instances.append(oc)
+    del _string_instances[:-16]
+    return oc(gm, example_inputs, mode=mode)
+
+
+def last_report() -> Report:
+    """The report of the graphs compiled through ``backend="omnicache"`` (most recent last)."""
+    return Report([g for oc in _string_instances for g in oc.report().graphs])

@@ -1,0 +1,128 @@
+"""``OmniCacheConfig``: one frozen, typed dataclass for every option.
+
+``OmniCache(**fields)``, ``torch.compile(..., options={...})`` and the CLI's ``--options``
+all build this class, so they accept exactly the same names.  Validation happens at
+construction: an unknown key, a wrong type or an out-of-range value raises
+:class:`~omnicompile.errors.ConfigError` naming the field, the value and what is allowed.
+
+Defaults and where they come from:
+
+* ``policy="static"``, ``interval=2``, ``warmup=2``: DeepCache-style uniform reuse
+  (refresh every other step) after a short warm-up — the structure of the denoised image is
+  laid down in the first steps, which every caching paper computes in full.
+* ``cooldown=0``: steps always computed at the end; needs the step count (``num_steps``,
+  or the length of the previous generation).
+* ``guard="auto"``: static schedules use host-chosen specialised variants, data-dependent
+  policies the in-graph ``torch.cond`` branch (``bench/speed.py`` measures both).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any, Optional
+
+from omnicompile.errors import ConfigError
+
+__all__ = ["OmniCacheConfig", "GUARDS", "INNER_BACKENDS"]
+
+GUARDS = ("auto", "variants", "cond")
+INNER_BACKENDS = ("inductor", "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class OmniCacheConfig:
+    #: caching policy, looked up in ``omnicompile.policies.POLICIES``
+    policy: str = "static"
+    #: static: a computed step every ``interval`` steps after warm-up (1 = never reuse)
+    interval: int = 2
+    #: static: number of steps always computed at the start of a generation
+    warmup: int = 2
+    #: static: number of steps always computed at the end (needs the step count)
+    cooldown: int = 0
+    #: static: explicit 0-based steps to reuse (overrides interval/warmup/cooldown)
+    reuse_steps: Optional[tuple] = None
+    #: number of denoising steps per generation, when known ahead (used by cooldown)
+    num_steps: Optional[int] = None
+    #: how the branch is guarded: "variants" (host picks a specialised compiled graph),
+    #: "cond" (torch.cond on an in-graph predicate) or "auto"
+    guard: str = "auto"
+    #: what compiles the rewritten graph: "inductor" or "eager" (no compilation)
+    inner_backend: str = "inductor"
+    #: write graphs and plans here (also OMNICACHE_DUMP_DIR)
+    dump_dir: Optional[str] = None
+
+    def __post_init__(self):
+        from omnicompile.policies import POLICIES  # registry is filled at import time
+
+        _check_type("policy", self.policy, str)
+        if self.policy not in POLICIES:
+            raise ConfigError("policy", self.policy, f"allowed: {', '.join(sorted(POLICIES))}")
+        for name, lo in (("interval", 1), ("warmup", 0), ("cooldown", 0)):
+            v = getattr(self, name)
+            _check_type(name, v, int)
+            if v < lo:
+                raise ConfigError(name, v, f"must be an integer >= {lo}")
+        if self.num_steps is not None:
+            _check_type("num_steps", self.num_steps, int)
+            if self.num_steps < 1:
+                raise ConfigError("num_steps", self.num_steps, "must be a positive integer or None")
+        if self.reuse_steps is not None:
+            rs = self.reuse_steps
+            if isinstance(rs, (str, bytes)) or not hasattr(rs, "__iter__"):
+                raise ConfigError("reuse_steps", rs, "must be a list of non-negative step indices or None")
+            items = list(rs)
+            for s in items:
+                if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                    raise ConfigError("reuse_steps", rs, "must be a list of non-negative integer step indices")
+            if 0 in items:
+                raise ConfigError("reuse_steps", rs, "step 0 has no cache to reuse; use steps >= 1")
+            object.__setattr__(self, "reuse_steps", tuple(sorted(set(items))))
+        _check_choice("guard", self.guard, GUARDS)
+        _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
+        if self.dump_dir is not None:
+            _check_type("dump_dir", self.dump_dir, (str, os.PathLike))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_options(cls, options: Optional[dict] = None, **more) -> "OmniCacheConfig":
+        """Build from an options dict (``torch.compile(..., options=...)``) plus keywords."""
+        merged: dict[str, Any] = {}
+        if options is not None:
+            if isinstance(options, OmniCacheConfig):
+                merged.update(dataclasses.asdict(options))
+            elif not isinstance(options, dict):
+                raise ConfigError("options", options, "must be a dict of omnicache options")
+            else:
+                merged.update(options)
+        merged.update(more)
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in merged:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(str(key), merged[key], f"unknown option; {hint}known options: {', '.join(names)}")
+        if merged.get("dump_dir") is None and os.environ.get("OMNICACHE_DUMP_DIR"):
+            merged["dump_dir"] = os.environ["OMNICACHE_DUMP_DIR"]
+        return cls(**merged)
+
+    def replace(self, **changes) -> "OmniCacheConfig":
+        return self.from_options(dataclasses.asdict(self), **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["reuse_steps"] is not None:
+            d["reuse_steps"] = list(d["reuse_steps"])
+        return d
+
+
+def _check_type(name: str, value, types) -> None:
+    ok = isinstance(value, types) and not (isinstance(value, bool) and types in (int, (int,)))
+    if not ok:
+        tn = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+        raise ConfigError(name, value, f"must be of type {tn}")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(name, value, f"allowed: {', '.join(allowed)}")

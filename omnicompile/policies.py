@@ -1,0 +1,105 @@
+"""Caching policies, looked up by name in ``POLICIES``.
+
+A policy answers, for each call of a compiled graph, which spans to reuse.  The backend and
+runtime never branch on the policy's type: a later policy registers itself with
+``@register_policy("name")`` and implements the same small protocol:
+
+* ``rewrites`` — False leaves the graph to the inner backend untouched (``none``);
+* ``static`` — True when ``decide`` depends only on the step index, so the host can choose
+  between specialised compiled variants with no device sync;
+* ``decide(step, num_steps, n_spans) -> tuple[bool, ...]`` — True = reuse that span;
+* ``variants(n_spans)`` — the decision tuples to compile up front;
+* ``describe()`` — a dict for reports.
+
+The runtime still forces a compute where a slot has no cache yet, so a policy need not
+know about CFG slots or generation boundaries.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from omnicompile.config import OmniCacheConfig
+
+__all__ = ["POLICIES", "register_policy", "make_policy", "Policy", "NonePolicy", "StaticPolicy"]
+
+POLICIES: dict[str, type] = {}
+
+
+def register_policy(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if name in POLICIES and POLICIES[name] is not cls:
+            raise ValueError(f"policy {name!r} is already registered by {POLICIES[name].__name__}")
+        POLICIES[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+class Policy:
+    name = "?"
+    rewrites = True
+    static = True
+
+    def __init__(self, config: OmniCacheConfig):
+        self.config = config
+
+    def decide(self, step: int, num_steps: Optional[int], n_spans: int) -> tuple[bool, ...]:
+        raise NotImplementedError
+
+    def variants(self, n_spans: int) -> list[tuple[bool, ...]]:
+        return [(False,) * n_spans, (True,) * n_spans]
+
+    def describe(self) -> dict:
+        return {"policy": self.name}
+
+
+@register_policy("none")
+class NonePolicy(Policy):
+    """No caching: the graph goes to the inner backend unchanged (the parity baseline)."""
+
+    rewrites = False
+
+    def decide(self, step, num_steps, n_spans):
+        return (False,) * n_spans
+
+    def variants(self, n_spans):
+        return [(False,) * n_spans]
+
+
+@register_policy("static")
+class StaticPolicy(Policy):
+    """A fixed schedule: every span is reused at the same steps.
+
+    With ``reuse_steps`` those steps are reused.  Otherwise steps ``< warmup`` and the last
+    ``cooldown`` steps are computed, and after warm-up one step in ``interval`` is computed
+    (``(step - warmup) % interval == 0``), the others reused.
+    """
+
+    def is_reuse_step(self, step: int, num_steps: Optional[int]) -> bool:
+        c = self.config
+        if c.reuse_steps is not None:
+            return step in c.reuse_steps
+        if step < c.warmup or c.interval <= 1:
+            return False
+        if c.cooldown and num_steps is not None and step >= num_steps - c.cooldown:
+            return False
+        return (step - c.warmup) % c.interval != 0
+
+    def decide(self, step, num_steps, n_spans):
+        return (self.is_reuse_step(step, num_steps),) * n_spans
+
+    def variants(self, n_spans):
+        c = self.config
+        if c.reuse_steps is None and c.interval <= 1:
+            return [(False,) * n_spans]
+        return super().variants(n_spans)
+
+    def describe(self):
+        c = self.config
+        if c.reuse_steps is not None:
+            return {"policy": "static", "reuse_steps": list(c.reuse_steps)}
+        return {"policy": "static", "interval": c.interval, "warmup": c.warmup, "cooldown": c.cooldown}
+
+
+def make_policy(config: OmniCacheConfig) -> Policy:
+    return POLICIES[config.policy](config)

@@ -1,0 +1,231 @@
+"""Per compiled graph: the cache state, the step counter and the choice of branch.
+
+The graph Dynamo hands us is called once per denoising step (or twice, for CFG run as two
+calls).  The runtime
+
+* reads the timestep input to know where it is: a value equal to the previous one is
+  another call of the same step (the next *slot*, e.g. uncond after cond); a value that
+  continues the direction of the trajectory is the next step; a value that reverses it,
+  repeats an earlier step, or arrives with new input shapes/dtypes/devices starts a new
+  *generation* and clears the cache;
+* keeps one cache per slot: for each span, the residual of each live stream;
+* asks the policy what to reuse, forces a compute where the slot has no cache yet, and
+  runs the matching compiled variant (``guard="variants"``) or the single ``torch.cond``
+  graph with host-made predicates (``guard="cond"``);
+* records what happened in the graph's :class:`~omnicompile.report.GraphReport`.
+
+Reading the timestep is one scalar device-to-host copy per call; the schedule itself needs
+no other synchronisation.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from omnicompile.config import OmniCacheConfig
+from omnicompile.passes.rewrite import build_cond, build_variant, residual_specs
+from omnicompile.passes.spans import SpanAnalysis
+from omnicompile.policies import Policy
+from omnicompile.report import GraphReport, StepRecord
+
+log = logging.getLogger("omnicompile")
+
+__all__ = ["StepTracker", "GraphRuntime", "call_compiled"]
+
+
+def call_compiled(fn: Callable, args: Sequence):
+    """Call an inner backend's result the way Dynamo calls a backend's result: ``fn(*args)``
+    (compile_fx's wrapper copies ``_boxed_call`` from its inner function but takes *args)."""
+    return fn(*args)
+
+
+class StepTracker:
+    """Turns the sequence of (timestep, input signature) of the calls into
+    (generation, step, slot)."""
+
+    def __init__(self):
+        self.generation = -1
+        self.last_length: Optional[int] = None
+        self._start(None)
+
+    def _start(self, signature) -> None:
+        self.signature = signature
+        self.step = -1
+        self.slot = 0
+        self.t: Optional[float] = None
+        self.direction = 0
+        self.seen: set[float] = set()
+
+    def reset(self) -> None:
+        self.generation = -1
+        self.last_length = None
+        self._start(None)
+
+    def advance(self, t: float, signature) -> tuple[int, int, int, bool]:
+        new = False
+        if self.generation < 0 or signature != self.signature:
+            new = True
+        elif t == self.t:
+            self.slot += 1
+            return self.generation, self.step, self.slot, False
+        else:
+            d = 1 if t > self.t else -1
+            if (self.direction and d != self.direction) or t in self.seen or math.isnan(t):
+                new = True
+            else:
+                self.direction = d
+                self.step += 1
+                self.slot = 0
+        if new:
+            if self.generation >= 0 and signature == self.signature:
+                self.last_length = self.step + 1
+            elif signature != self.signature:
+                self.last_length = None
+            self.generation += 1
+            self._start(signature)
+            self.step = 0
+        self.t = t
+        self.seen.add(t)
+        return self.generation, self.step, self.slot, new
+
+
+class GraphRuntime:
+    """The callable the backend returns for a graph it rewrote."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, analysis: SpanAnalysis,
+                 config: OmniCacheConfig, policy: Policy, report: GraphReport,
+                 compile_fn: Callable[[fx.GraphModule, list], Callable], guard: str):
+        self.gm = gm
+        self.example_inputs = list(example_inputs)
+        self.spans = analysis.spans
+        self.config = config
+        self.policy = policy
+        self.report = report
+        self.compile_fn = compile_fn
+        self.guard = guard
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.ts_index = placeholders.index(analysis.timestep)
+        self.user_index = [placeholders.index(n) for n in analysis.user_inputs]
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        val = out.args[0]
+        self.n_out = len(val) if isinstance(val, (tuple, list)) else 1
+        self.counts = [len(s.live_streams) for s in self.spans]
+        self.specs = residual_specs(self.spans)
+        self.tracker = StepTracker()
+        self.cache: dict[int, list[Optional[list[torch.Tensor]]]] = {}
+        self.compiled: dict = {}
+        self.dumps: dict[str, str] = {}
+        if guard == "variants":
+            for dec in policy.variants(len(self.spans)):
+                self._variant(dec)
+        else:
+            self._cond()
+
+    # ---------------------------------------------------------------- compilation
+    def _res_examples(self, which: Sequence[bool]) -> list[torch.Tensor]:
+        dev = self.example_inputs[self.ts_index].device
+        for i in self.user_index:
+            x = self.example_inputs[i]
+            if isinstance(x, torch.Tensor) and x.dim() > 1:
+                dev = x.device
+                break
+        self.device = dev
+        return [torch.zeros(s.shape, dtype=s.dtype, device=dev)
+                for sp, on in zip(self.spans, which) if on for s in sp.live_streams]
+        return out
+
+    def _variant(self, dec: tuple) -> Callable:
+        fn = self.compiled.get(dec)
+        if fn is None:
+            g = build_variant(self.gm, self.spans, dec)
+            ex = self.example_inputs + self._res_examples(dec)
+            fn = self.compile_fn(g, ex)
+            self.compiled[dec] = fn
+            key = "".join("R" if d else "C" for d in dec)
+            self.dumps[f"variant_{key}"] = g.code
+        return fn
+
+    def _cond(self) -> Callable:
+        fn = self.compiled.get("cond")
+        if fn is None:
+            g = build_cond(self.gm, self.spans)
+            preds = [torch.tensor(False) for _ in self.spans]
+            ex = self.example_inputs + preds + self._res_examples([True] * len(self.spans))
+            fn = self.compile_fn(g, ex)
+            self.compiled["cond"] = fn
+            self.dumps["cond"] = g.code
+            self._pred = {False: torch.tensor(False), True: torch.tensor(True)}
+        return fn
+
+    # ---------------------------------------------------------------- state
+    def reset(self) -> None:
+        self.tracker.reset()
+        self.cache.clear()
+        self.report.cache_bytes = 0
+
+    def _signature(self, args) -> tuple:
+        sig = []
+        for i in self.user_index:
+            a = args[i]
+            if isinstance(a, torch.Tensor):
+                sig.append((tuple(a.shape), a.dtype, a.device))
+            else:
+                sig.append(a)
+        return tuple(sig)
+
+    # ---------------------------------------------------------------- call
+    def __call__(self, *args):
+        ts = args[self.ts_index]
+        t = float(ts.reshape(-1)[0]) if isinstance(ts, torch.Tensor) else float(ts)
+        gen, step, slot, new = self.tracker.advance(t, self._signature(args))
+        if new:
+            self.cache.clear()
+            self.report.generations += 1
+        n = len(self.spans)
+        slot_cache = self.cache.setdefault(slot, [None] * n)
+        num_steps = self.config.num_steps or self.tracker.last_length
+        dec = list(self.policy.decide(step, num_steps, n))
+        forced = []
+        for i in range(n):
+            if dec[i] and slot_cache[i] is None:
+                dec[i] = False
+                forced.append(self.spans[i].name)
+        dec_t = tuple(dec)
+        if self.guard == "variants":
+            fn = self._variant(dec_t)
+            extra = [r for i in range(n) if dec_t[i] for r in slot_cache[i]]
+            outs = call_compiled(fn, list(args) + extra)
+            new_res = list(outs[self.n_out:])
+            k = 0
+            for i in range(n):
+                if not dec_t[i]:
+                    slot_cache[i] = new_res[k:k + self.counts[i]]
+                    k += self.counts[i]
+        else:
+            fn = self._cond()
+            preds = [self._pred[d] for d in dec_t]
+            res = []
+            for i, sp in enumerate(self.spans):
+                if slot_cache[i] is None:
+                    res.extend(torch.zeros(s.shape, dtype=s.dtype, device=self.device)
+                               for s in sp.live_streams)
+                else:
+                    res.extend(slot_cache[i])
+            outs = call_compiled(fn, list(args) + preds + res)
+            new_res = list(outs[self.n_out:])
+            k = 0
+            for i in range(n):
+                slot_cache[i] = new_res[k:k + self.counts[i]]
+                k += self.counts[i]
+        self.report.cache_bytes = sum(
+            r.numel() * r.element_size() for sc in self.cache.values() for rs in sc if rs for r in rs)
+        saved = sum(sp.flops for sp, d in zip(self.spans, dec_t) if d)
+        self.report.steps.append(StepRecord(
+            gen, step, slot, t,
+            {sp.name: ("reused" if d else "computed") for sp, d in zip(self.spans, dec_t)},
+            saved, forced))
+        return tuple(outs[:self.n_out])
