@@ -7,6 +7,8 @@ the same computation and not just the same op list.
 """
 from __future__ import annotations
 
+import warnings
+
 import networkx as nx
 import numpy as np
 
@@ -74,4 +76,6 @@ def subgraph_hash(nodes, label) -> str:
                 ext = f"ext:{n.name}:{i}"
                 g.add_node(ext, label="external")
                 g.add_edge(ext, n.name, slot=str(i))
-    return nx.weisfeiler_lehman_graph_hash(g, node_attr="label", edge_attr="slot", iterations=3)
+    with warnings.catch_warnings():  # networkx 3.5 warns that directed hashes changed
+        warnings.simplefilter("ignore", UserWarning)
+        return nx.weisfeiler_lehman_graph_hash(g, node_attr="label", edge_attr="slot", iterations=3)

@@ -71,8 +71,9 @@ class StaticPolicy(Policy):
     """A fixed schedule: every span is reused at the same steps.
 
     With ``reuse_steps`` those steps are reused.  Otherwise steps ``< warmup`` and the last
-    ``cooldown`` steps are computed, and after warm-up one step in ``interval`` is computed
-    (``(step - warmup) % interval == 0``), the others reused.
+    ``cooldown`` steps are computed; after warm-up, reuse starts at once and every
+    ``interval``-th step refreshes the cache: step ``s`` is computed when
+    ``(s - warmup) % interval == interval - 1`` (interval 2: C C R C R C ... for warmup 2).
     """
 
     def is_reuse_step(self, step: int, num_steps: Optional[int]) -> bool:
@@ -83,7 +84,7 @@ class StaticPolicy(Policy):
             return False
         if c.cooldown and num_steps is not None and step >= num_steps - c.cooldown:
             return False
-        return (step - c.warmup) % c.interval != 0
+        return (step - c.warmup) % c.interval != c.interval - 1
 
     def decide(self, step, num_steps, n_spans):
         return (self.is_reuse_step(step, num_steps),) * n_spans

@@ -79,18 +79,20 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
     g = new.graph
     out_node, outs = _output_values(g)
     extra_out: list[fx.Node] = []
+    repl: dict[fx.Node, fx.Node] = {}   # outputs of earlier spans -> what replaced them
     for sp, r in zip(spans, reuse):
         inside = {env[n] for n in sp.nodes}
         keep = {env[n] for n in sp.keep}
         last = max((env[n] for n in sp.nodes), key=lambda n: _order(g)[n])
         for s in sp.live_streams:
-            x, o = env[s.input], env[s.output]
+            x, o = _resolve(repl, env[s.input]), env[s.output]
             if r:
                 res = _add_placeholder(g, f"omni_res_{_safe(sp.name)}_{s.name}", _fake_like(s.input))
                 with g.inserting_after(last):
                     y = g.call_function(operator.add, (x, res))
                 y.meta["example_value"] = _fake_like(s.output)
                 o.replace_all_uses_with(y, delete_user_cb=lambda u: u not in inside or u in keep)
+                repl[o] = y
                 last = y
             else:
                 with g.inserting_after(o):
@@ -102,6 +104,13 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
     g.lint()
     new.recompile()
     return new
+
+
+def _resolve(repl: dict, n: fx.Node) -> fx.Node:
+    """A span's input may be an earlier span's output that the rewrite replaced."""
+    while n in repl:
+        n = repl[n]
+    return n
 
 
 def _order(g: fx.Graph) -> dict:
@@ -124,6 +133,7 @@ def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
         res_phs.append([_add_placeholder(g, f"omni_res_{_safe(sp.name)}_{s.name}", _fake_like(s.input))
                         for s in sp.live_streams])
     extra_out: list[fx.Node] = []
+    repl: dict[fx.Node, fx.Node] = {}
     for k, sp in enumerate(spans):
         keep = {env[n] for n in sp.keep}
         body = [env[n] for n in sp.nodes if env[n] not in keep]
@@ -141,7 +151,7 @@ def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
             if not isinstance(ev, torch.Tensor):
                 raise RewriteError("non_tensor_operand", f"span reads the non-tensor input {a.name}", sp.name)
         live = sp.live_streams
-        ins = [env[s.input] for s in live]
+        ins = [_resolve(repl, env[s.input]) for s in live]
         outs_sp = [env[s.output] for s in live]
         for x in ins:
             if x not in operands:
@@ -171,6 +181,7 @@ def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
             ev = example_value(o)
             got[i].meta["example_value"] = ev
             o.replace_all_uses_with(got[i], delete_user_cb=lambda u: u not in body_set)
+            repl[o] = got[i]
         for i in range(len(live)):
             got[len(live) + i].meta["example_value"] = example_value(ins[i])
         extra_out.extend(got[len(live):])

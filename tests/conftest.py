@@ -1,0 +1,42 @@
+import logging
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test starts with an empty Dynamo cache (tests compile the same tiny models)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def capture_graphs():
+    """A backend that records Dynamo's graphs and runs them eagerly."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    backend.graphs = graphs
+    return backend
+
+
+def trace(model, kwargs):
+    """Dynamo's GraphModule for ``model(**kwargs)`` (fullgraph), as a backend receives it."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(**kwargs)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+logging.getLogger("omnicompile").setLevel(logging.ERROR)
