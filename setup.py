@@ -30,6 +30,5 @@ setup(
     },
     entry_points={
         "torch_dynamo_backends": ["omnicache = omnicompile.backend:omnicache_backend"],
-        "console_scripts": ["omnicache = omnicompile.cli:main"],
     },
 )

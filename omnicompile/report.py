@@ -108,8 +108,11 @@ class Report:
                 lines.append(f"  not cached: {r}")
             if g.steps:
                 names = [s.name for s in g.spans]
+                last_gen = g.steps[-1].generation
+                shown = [r for r in g.steps if r.generation == last_gen]
+                lines.append(f"  generation {last_gen} of {g.generations}:")
                 lines.append("  gen step slot  timestep  " + "  ".join(f"{n:>12}" for n in names))
-                for r in g.steps:
+                for r in shown:
                     marks = "  ".join(f"{r.decisions.get(n, '-'):>12}" for n in names)
                     lines.append(f"  {r.generation:>3} {r.step:>4} {r.slot:>4} {r.timestep:>9.4f}  {marks}")
                 c, u = g.span_decisions

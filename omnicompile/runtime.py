@@ -50,6 +50,7 @@ class StepTracker:
     def __init__(self):
         self.generation = -1
         self.last_length: Optional[int] = None
+        self._forced = False
         self._start(None)
 
     def _start(self, signature) -> None:
@@ -61,14 +62,14 @@ class StepTracker:
         self.seen: set[float] = set()
 
     def reset(self) -> None:
-        self.generation = -1
-        self.last_length = None
-        self._start(None)
+        """The next call starts a new generation (numbering keeps counting up)."""
+        self._forced = True
 
     def advance(self, t: float, signature) -> tuple[int, int, int, bool]:
         new = False
-        if self.generation < 0 or signature != self.signature:
+        if self.generation < 0 or signature != self.signature or self._forced:
             new = True
+            self._forced = False
         elif t == self.t:
             self.slot += 1
             return self.generation, self.step, self.slot, False
@@ -82,7 +83,7 @@ class StepTracker:
                 self.slot = 0
         if new:
             if self.generation >= 0 and signature == self.signature:
-                self.last_length = self.step + 1
+                self.last_length = self.step + 1 if self.step >= 0 else self.last_length
             elif signature != self.signature:
                 self.last_length = None
             self.generation += 1

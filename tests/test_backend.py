@@ -93,7 +93,8 @@ def test_generation_reset_and_manual_reset():
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(third[0], first[0])
     g = oc.report().graphs[0]
-    assert [s.generation for s in g.steps] == [0] * 5 + [1] * 5 + [0] * 2
+    assert [s.generation for s in g.steps] == [0] * 5 + [1] * 5 + [2] * 2
+    assert g.generations == 3
     assert [s.step for s in g.steps[5:10]] == [0, 1, 2, 3, 4]
 
 

@@ -1,0 +1,41 @@
+# make demo  — set up a local virtualenv and run the demo on the embedded default model
+# make test  — set up the same virtualenv and run the whole test suite
+#
+# torch is pinned and installed first: a bare `torch` would pull a multi-GB CUDA build.
+# On a GPU machine, set TORCH_SPEC (e.g. TORCH_SPEC='torch==2.11.0') or reuse its torch
+# with VENV_FLAGS=--system-site-packages.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.omnicompile-$(subst =,-,$(TORCH_SPEC))
+BENCH_STAMP := $(VENV)/.omnicompile-bench
+
+.PHONY: demo test bench setup clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(BENCH_STAMP)
+	$(PY) bench/demo.py
+
+bench: $(BENCH_STAMP)
+	$(PY) bench/speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
