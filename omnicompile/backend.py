@@ -29,7 +29,7 @@ from omnicompile.passes.common import Reason, is_param_placeholder
 from omnicompile.passes.spans import find_spans
 from omnicompile.policies import make_policy
 from omnicompile.report import GraphReport, Report, SpanReport
-from omnicompile.runtime import GraphRuntime
+from omnicompile.runtime import GraphRuntime, InGraphRuntime
 
 log = logging.getLogger("omnicompile")
 
@@ -60,6 +60,9 @@ class OmniCache:
 
     # ------------------------------------------------------------------ public
     def report(self) -> Report:
+        for _, rt in self._graphs:
+            if rt is not None:
+                rt.flush()
         return Report([r for r, _ in self._graphs])
 
     def reset(self) -> None:
@@ -119,13 +122,18 @@ class OmniCache:
         guard = cfg.guard if cfg.guard != "auto" else ("variants" if policy.static else "cond")
         report.guard = guard
         try:
-            rt = GraphRuntime(gm, example_inputs, analysis, cfg, policy, report, inner, guard)
+            if policy.in_graph:
+                rt = InGraphRuntime(gm, example_inputs, analysis, cfg, policy, report, inner)
+            else:
+                rt = GraphRuntime(gm, example_inputs, analysis, cfg, policy, report, inner, guard)
         except OmniCacheError as e:
             return fallback(Reason(getattr(e, "code", "rewrite_failed"), str(e), getattr(e, "subject", "")))
         except Exception as e:
             log.exception("omnicache: rewrite or inner compile failed")
             return fallback(Reason("rewrite_failed", f"{type(e).__name__}: {e}"))
         report.cached = True
+        report.spans = [SpanReport(s.name, s.last_unit - s.first_unit + 1, [st.name for st in s.live_streams],
+                                   [n.name for n in s.side_inputs], s.flops) for s in rt.spans]
         for name, code in rt.dumps.items():
             self._dump(cfg, gid, f"after_{name}", code)
         self._graphs.append((report, rt))

@@ -51,6 +51,21 @@ class OmniCacheConfig:
     inner_backend: str = "inductor"
     #: write graphs and plans here (also OMNICACHE_DUMP_DIR)
     dump_dir: Optional[str] = None
+    #: probe (DiCache): reuse while the accumulated error stays below this (DiCache's
+    #: Flux default for error="delta_y")
+    threshold: float = 0.4
+    #: probe: number of leading blocks always computed to measure the error
+    probe_depth: int = 1
+    #: probe: fraction of the steps at the start always computed (DiCache: 0.2)
+    ret_ratio: float = 0.2
+    #: probe: error indicator, "delta_y" (relative L1 change of the probe output) or
+    #: "delta_minus" (|delta_y - delta_x|)
+    error: str = "delta_y"
+    #: probe: extrapolate the reused residual along the last two cached ones (DiCache's
+    #: dynamic cache trajectory alignment); False = plain reuse (First-Block-Cache style)
+    align: bool = True
+    #: probe: the alignment coefficient gamma is clipped to this range (DiCache: [1, 1.5])
+    align_clip: tuple = (1.0, 1.5)
 
     def __post_init__(self):
         from omnicompile.policies import POLICIES  # registry is filled at import time
@@ -78,10 +93,25 @@ class OmniCacheConfig:
             if 0 in items:
                 raise ConfigError("reuse_steps", rs, "step 0 has no cache to reuse; use steps >= 1")
             object.__setattr__(self, "reuse_steps", tuple(sorted(set(items))))
+        _check_number("threshold", self.threshold, lo=0.0, lo_open=True)
+        _check_type("probe_depth", self.probe_depth, int)
+        if self.probe_depth < 1:
+            raise ConfigError("probe_depth", self.probe_depth, "must be an integer >= 1")
+        _check_number("ret_ratio", self.ret_ratio, lo=0.0, hi=1.0, hi_open=True)
+        _check_choice("error", self.error, ("delta_y", "delta_minus"))
+        if not isinstance(self.align, bool):
+            raise ConfigError("align", self.align, "must be True or False")
+        clip = self.align_clip
+        if (isinstance(clip, (str, bytes)) or not hasattr(clip, "__len__") or len(clip) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clip)
+                or not 0 <= clip[0] <= clip[1]):
+            raise ConfigError("align_clip", clip, "must be two numbers lo <= hi, lo >= 0 (DiCache: [1, 1.5])")
+        object.__setattr__(self, "align_clip", (float(clip[0]), float(clip[1])))
         _check_choice("guard", self.guard, GUARDS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if self.dump_dir is not None:
             _check_type("dump_dir", self.dump_dir, (str, os.PathLike))
+        POLICIES[self.policy].validate(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -113,6 +143,7 @@ class OmniCacheConfig:
         d = dataclasses.asdict(self)
         if d["reuse_steps"] is not None:
             d["reuse_steps"] = list(d["reuse_steps"])
+        d["align_clip"] = list(d["align_clip"])
         return d
 
 
@@ -121,6 +152,18 @@ def _check_type(name: str, value, types) -> None:
     if not ok:
         tn = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
         raise ConfigError(name, value, f"must be of type {tn}")
+
+
+def _check_number(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, value, "must be a number")
+    bad = ((lo is not None and (value < lo or (lo_open and value == lo)))
+           or (hi is not None and (value > hi or (hi_open and value == hi))))
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ConfigError(name, value, f"must be in {left}{lo if lo is not None else '-inf'}, "
+                                       f"{hi if hi is not None else 'inf'}{right}")
 
 
 def _check_choice(name: str, value, allowed) -> None:

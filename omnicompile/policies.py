@@ -39,9 +39,15 @@ class Policy:
     name = "?"
     rewrites = True
     static = True
+    #: True for policies whose decision is computed inside the graph (see InGraphRuntime)
+    in_graph = False
 
     def __init__(self, config: OmniCacheConfig):
         self.config = config
+
+    @classmethod
+    def validate(cls, config: OmniCacheConfig) -> None:
+        """Raise ConfigError for option combinations this policy cannot honour."""
 
     def decide(self, step: int, num_steps: Optional[int], n_spans: int) -> tuple[bool, ...]:
         raise NotImplementedError
@@ -104,3 +110,66 @@ class StaticPolicy(Policy):
 
 def make_policy(config: OmniCacheConfig) -> Policy:
     return POLICIES[config.policy](config)
+
+
+@register_policy("probe")
+class ProbePolicy(Policy):
+    """DiCache: an online shallow-layer probe decides, per sample and step, inside the graph.
+
+    The first ``probe_depth`` blocks always run; their output's relative change against
+    the previous step, accumulated, is compared with ``threshold``; below it the remaining
+    blocks are skipped and their residual is extrapolated along the last two cached ones
+    (``align``).  Steps within the first ``ret_ratio`` of sampling and the last step are
+    always computed — the host knows those from the step index, everything else is decided
+    on the device (``omnicompile.passes.probe``).  With ``probe_depth=1`` and
+    ``align=False`` this is First-Block-Cache.  CFG batched in one call decides once for
+    the whole batch (compute if the batch's mean error says so); CFG run as separate calls
+    keeps a separate probe state per call.
+    """
+
+    static = False
+    in_graph = True
+
+    @classmethod
+    def validate(cls, config):
+        from omnicompile.errors import ConfigError
+        if config.guard == "variants":
+            raise ConfigError("guard", config.guard, "policy 'probe' decides inside the graph; use 'cond' or 'auto'")
+
+    def build(self, gm, analysis):
+        from omnicompile.errors import RewriteError
+        from omnicompile.passes.probe import plan_probe
+
+        plan, why = plan_probe(gm, analysis, self.config.probe_depth)
+        if plan is None:
+            raise RewriteError(why.code, why.message, why.subject)
+        return plan
+
+    def build_graph(self, gm, plan):
+        from omnicompile.passes.probe import build_probe
+
+        c = self.config
+        return build_probe(gm, plan, float(c.threshold), c.error, c.align, c.align_clip)
+
+    def force(self, step: int, num_steps: Optional[int], t: float, tracker) -> bool:
+        """Steps computed whatever the probe says: the first ``ret_ratio`` of sampling and
+        the last step (DiCache: ``step <= int(ret_ratio * N) or step == N - 1``).  Without
+        a known step count the first ``ret_ratio`` is measured on the timestep value
+        (progress ``1 - t / t_0``) and the last step cannot be protected."""
+        if num_steps is not None:
+            return step <= int(self.config.ret_ratio * num_steps) or step == num_steps - 1
+        t0 = tracker.t0
+        if not t0:
+            return True
+        return (1.0 - t / t0) <= self.config.ret_ratio
+
+    def decide(self, step, num_steps, n_spans):
+        return (False,) * n_spans
+
+    def variants(self, n_spans):
+        return []
+
+    def describe(self):
+        c = self.config
+        return {"policy": "probe", "threshold": c.threshold, "probe_depth": c.probe_depth,
+                "ret_ratio": c.ret_ratio, "error": c.error, "align": c.align}

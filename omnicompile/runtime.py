@@ -55,6 +55,7 @@ class StepTracker:
 
     def _start(self, signature) -> None:
         self.signature = signature
+        self.t0: Optional[float] = None   # first timestep of the generation
         self.step = -1
         self.slot = 0
         self.t: Optional[float] = None
@@ -90,83 +91,46 @@ class StepTracker:
             self._start(signature)
             self.step = 0
         self.t = t
+        if self.t0 is None:
+            self.t0 = t
         self.seen.add(t)
         return self.generation, self.step, self.slot, new
 
 
-class GraphRuntime:
-    """The callable the backend returns for a graph it rewrote."""
+class _RuntimeBase:
+    """What every runtime shares: where the timestep and user inputs are, the step
+    tracker, the device, and the graph's report."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, analysis: SpanAnalysis,
                  config: OmniCacheConfig, policy: Policy, report: GraphReport,
-                 compile_fn: Callable[[fx.GraphModule, list], Callable], guard: str):
+                 compile_fn: Callable[[fx.GraphModule, list], Callable]):
         self.gm = gm
         self.example_inputs = list(example_inputs)
-        self.spans = analysis.spans
         self.config = config
         self.policy = policy
         self.report = report
         self.compile_fn = compile_fn
-        self.guard = guard
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.ts_index = placeholders.index(analysis.timestep)
         self.user_index = [placeholders.index(n) for n in analysis.user_inputs]
         out = next(n for n in gm.graph.nodes if n.op == "output")
         val = out.args[0]
         self.n_out = len(val) if isinstance(val, (tuple, list)) else 1
-        self.counts = [len(s.live_streams) for s in self.spans]
-        self.specs = residual_specs(self.spans)
         self.tracker = StepTracker()
-        self.cache: dict[int, list[Optional[list[torch.Tensor]]]] = {}
         self.compiled: dict = {}
         self.dumps: dict[str, str] = {}
-        if guard == "variants":
-            for dec in policy.variants(len(self.spans)):
-                self._variant(dec)
-        else:
-            self._cond()
-
-    # ---------------------------------------------------------------- compilation
-    def _res_examples(self, which: Sequence[bool]) -> list[torch.Tensor]:
-        dev = self.example_inputs[self.ts_index].device
+        self.device = self.example_inputs[self.ts_index].device
         for i in self.user_index:
             x = self.example_inputs[i]
             if isinstance(x, torch.Tensor) and x.dim() > 1:
-                dev = x.device
+                self.device = x.device
                 break
-        self.device = dev
-        return [torch.zeros(s.shape, dtype=s.dtype, device=dev)
-                for sp, on in zip(self.spans, which) if on for s in sp.live_streams]
-        return out
 
-    def _variant(self, dec: tuple) -> Callable:
-        fn = self.compiled.get(dec)
-        if fn is None:
-            g = build_variant(self.gm, self.spans, dec)
-            ex = self.example_inputs + self._res_examples(dec)
-            fn = self.compile_fn(g, ex)
-            self.compiled[dec] = fn
-            key = "".join("R" if d else "C" for d in dec)
-            self.dumps[f"variant_{key}"] = g.code
+    def _compile(self, key: str, g: fx.GraphModule, extra_examples: list) -> Callable:
+        fn = self.compile_fn(g, self.example_inputs + list(extra_examples))
+        self.compiled[key] = fn
+        self.dumps[key] = g.code
         return fn
-
-    def _cond(self) -> Callable:
-        fn = self.compiled.get("cond")
-        if fn is None:
-            g = build_cond(self.gm, self.spans)
-            preds = [torch.tensor(False) for _ in self.spans]
-            ex = self.example_inputs + preds + self._res_examples([True] * len(self.spans))
-            fn = self.compile_fn(g, ex)
-            self.compiled["cond"] = fn
-            self.dumps["cond"] = g.code
-            self._pred = {False: torch.tensor(False), True: torch.tensor(True)}
-        return fn
-
-    # ---------------------------------------------------------------- state
-    def reset(self) -> None:
-        self.tracker.reset()
-        self.cache.clear()
-        self.report.cache_bytes = 0
 
     def _signature(self, args) -> tuple:
         sig = []
@@ -178,18 +142,73 @@ class GraphRuntime:
                 sig.append(a)
         return tuple(sig)
 
-    # ---------------------------------------------------------------- call
-    def __call__(self, *args):
+    def _advance(self, args) -> tuple[int, int, int, bool, float]:
         ts = args[self.ts_index]
         t = float(ts.reshape(-1)[0]) if isinstance(ts, torch.Tensor) else float(ts)
         gen, step, slot, new = self.tracker.advance(t, self._signature(args))
         if new:
-            self.cache.clear()
             self.report.generations += 1
+        return gen, step, slot, new, t
+
+    @property
+    def num_steps(self) -> Optional[int]:
+        return self.config.num_steps or self.tracker.last_length
+
+    def flush(self) -> None:
+        """Bring the report up to date (runtimes that decide in the graph read their
+        decisions back here, not in the step loop)."""
+
+    def reset(self) -> None:
+        self.tracker.reset()
+        self.report.cache_bytes = 0
+
+
+class GraphRuntime(_RuntimeBase):
+    """Runtime of host-decided policies (``static``): per slot, one cached residual per
+    live stream of each span; the host picks the decisions and the compiled graph."""
+
+    def __init__(self, gm, example_inputs, analysis, config, policy, report, compile_fn, guard: str):
+        super().__init__(gm, example_inputs, analysis, config, policy, report, compile_fn)
+        self.spans = analysis.spans
+        self.guard = guard
+        self.counts = [len(s.live_streams) for s in self.spans]
+        self.cache: dict[int, list[Optional[list[torch.Tensor]]]] = {}
+        self._pred = {False: torch.tensor(False), True: torch.tensor(True)}
+        if guard == "variants":
+            for dec in policy.variants(len(self.spans)):
+                self._variant(dec)
+        else:
+            self._cond()
+
+    def _zeros(self, which: Sequence[bool]) -> list[torch.Tensor]:
+        return [torch.zeros(s.shape, dtype=s.dtype, device=self.device)
+                for sp, on in zip(self.spans, which) if on for s in sp.live_streams]
+
+    def _variant(self, dec: tuple) -> Callable:
+        key = "variant_" + "".join("R" if d else "C" for d in dec)
+        fn = self.compiled.get(key)
+        if fn is None:
+            fn = self._compile(key, build_variant(self.gm, self.spans, dec), self._zeros(dec))
+        return fn
+
+    def _cond(self) -> Callable:
+        fn = self.compiled.get("cond")
+        if fn is None:
+            preds = [torch.tensor(False) for _ in self.spans]
+            fn = self._compile("cond", build_cond(self.gm, self.spans), preds + self._zeros([True] * len(self.spans)))
+        return fn
+
+    def reset(self) -> None:
+        super().reset()
+        self.cache.clear()
+
+    def __call__(self, *args):
+        gen, step, slot, new, t = self._advance(args)
+        if new:
+            self.cache.clear()
         n = len(self.spans)
         slot_cache = self.cache.setdefault(slot, [None] * n)
-        num_steps = self.config.num_steps or self.tracker.last_length
-        dec = list(self.policy.decide(step, num_steps, n))
+        dec = list(self.policy.decide(step, self.num_steps, n))
         forced = []
         for i in range(n):
             if dec[i] and slot_cache[i] is None:
@@ -211,11 +230,8 @@ class GraphRuntime:
             preds = [self._pred[d] for d in dec_t]
             res = []
             for i, sp in enumerate(self.spans):
-                if slot_cache[i] is None:
-                    res.extend(torch.zeros(s.shape, dtype=s.dtype, device=self.device)
-                               for s in sp.live_streams)
-                else:
-                    res.extend(slot_cache[i])
+                res.extend(slot_cache[i] if slot_cache[i] is not None else self._zeros(
+                    [j == i for j in range(n)]))
             outs = call_compiled(fn, list(args) + preds + res)
             new_res = list(outs[self.n_out:])
             k = 0
@@ -230,3 +246,59 @@ class GraphRuntime:
             {sp.name: ("reused" if d else "computed") for sp, d in zip(self.spans, dec_t)},
             saved, forced))
         return tuple(outs[:self.n_out])
+
+
+class InGraphRuntime(_RuntimeBase):
+    """Runtime of policies that decide inside the graph (``probe``).
+
+    The policy's ``build(gm, analysis)`` returns the rewritten graph and the specs of its
+    state tensors; the graph takes ``(*orig, *host_inputs, *state)`` and returns
+    ``(*orig_out, *state', *records)``.  The runtime keeps the state per CFG slot, passes
+    the host inputs the policy derives from the step index (no device value is read), and
+    keeps the records (device tensors) until the report is read.
+    """
+
+    def __init__(self, gm, example_inputs, analysis, config, policy, report, compile_fn):
+        super().__init__(gm, example_inputs, analysis, config, policy, report, compile_fn)
+        built = policy.build(gm, analysis)
+        self.plan = built
+        self.spans = built.spans
+        self.specs = built.state_specs()
+        self.state: dict[int, list[torch.Tensor]] = {}
+        self.pending: list = []
+        self._flags = {b: torch.tensor(b, device=self.device) for b in (False, True)}
+        g = policy.build_graph(gm, built)
+        self._fn = self._compile("probe", g, [self._flags[False]] + self._init_state())
+
+    def _init_state(self) -> list[torch.Tensor]:
+        return [torch.zeros(s.shape, dtype=s.dtype, device=self.device) for s in self.specs]
+
+    def reset(self) -> None:
+        super().reset()
+        self.state.clear()
+
+    def __call__(self, *args):
+        gen, step, slot, new, t = self._advance(args)
+        if new:
+            self.state.clear()
+        st = self.state.get(slot)
+        force = self.policy.force(step, self.num_steps, t, self.tracker) or st is None
+        if st is None:
+            st = self._init_state()
+        outs = call_compiled(self._fn, list(args) + [self._flags[bool(force)]] + st)
+        n_state = len(self.specs)
+        self.state[slot] = list(outs[self.n_out:self.n_out + n_state])
+        records = outs[self.n_out + n_state:]
+        self.pending.append((gen, step, slot, t, bool(force), records))
+        self.report.cache_bytes = sum(x.numel() * x.element_size() for s in self.state.values() for x in s)
+        return tuple(outs[:self.n_out])
+
+    def flush(self) -> None:
+        for gen, step, slot, t, force, records in self.pending:
+            reuse = bool(records[0]) and not force
+            signals = {} if force else {"error": float(records[1]), "gamma": float(records[2])}
+            self.report.steps.append(StepRecord(
+                gen, step, slot, t,
+                {sp.name: ("reused" if reuse else "computed") for sp in self.spans},
+                sum(sp.flops for sp in self.spans) if reuse else 0, signals=signals))
+        self.pending.clear()

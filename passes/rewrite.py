@@ -125,66 +125,13 @@ def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
     new, env = copy_graph_module(gm)
     g = new.graph
     out_node, outs = _output_values(g)
-    preds = []
-    for k, sp in enumerate(spans):
-        preds.append(_add_placeholder(g, f"omni_pred_{k}", None))
-    res_phs: list[list[fx.Node]] = []
-    for sp in spans:
-        res_phs.append([_add_placeholder(g, f"omni_res_{_safe(sp.name)}_{s.name}", _fake_like(s.input))
-                        for s in sp.live_streams])
+    preds = [_add_placeholder(g, f"omni_pred_{k}", None) for k in range(len(spans))]
+    res_phs = [[_add_placeholder(g, f"omni_res_{_safe(sp.name)}_{s.name}", _fake_like(s.input))
+                for s in sp.live_streams] for sp in spans]
     extra_out: list[fx.Node] = []
     repl: dict[fx.Node, fx.Node] = {}
     for k, sp in enumerate(spans):
-        keep = {env[n] for n in sp.keep}
-        body = [env[n] for n in sp.nodes if env[n] not in keep]
-        body_set = set(body)
-        operands: list[fx.Node] = []
-        for n in body:
-            for a in n.all_input_nodes:
-                if a not in body_set and a not in operands:
-                    operands.append(a)
-        for a in operands:
-            ev = example_value(a)
-            if not isinstance(ev, torch.Tensor) and a.op != "placeholder":
-                raise RewriteError("non_tensor_operand",
-                                   f"span reads the non-tensor value {a.name}; torch.cond needs tensors", sp.name)
-            if not isinstance(ev, torch.Tensor):
-                raise RewriteError("non_tensor_operand", f"span reads the non-tensor input {a.name}", sp.name)
-        live = sp.live_streams
-        ins = [_resolve(repl, env[s.input]) for s in live]
-        outs_sp = [env[s.output] for s in live]
-        for x in ins:
-            if x not in operands:
-                operands.append(x)
-        true_gm = _branch(new, operands, res_phs[k], body, ins, outs_sp, compute=True)
-        false_gm = _branch(new, operands, res_phs[k], body, ins, outs_sp, compute=False)
-        tname, fname = f"omni_true_{k}", f"omni_false_{k}"
-        new.add_submodule(tname, true_gm)
-        new.add_submodule(fname, false_gm)
-        last = max(body, key=lambda n: _order(g)[n])
-        with g.inserting_after(last):
-            t_attr = g.get_attr(tname)
-        with g.inserting_after(t_attr):
-            f_attr = g.get_attr(fname)
-        with g.inserting_after(f_attr):
-            # predicate True -> reuse branch
-            c = g.call_function(torch.ops.higher_order.cond,
-                                (preds[k], f_attr, t_attr, tuple(operands + res_phs[k])))
-        cur = c
-        got = []
-        for i in range(2 * len(live)):
-            with g.inserting_after(cur):
-                gi = g.call_function(operator.getitem, (c, i))
-            got.append(gi)
-            cur = gi
-        for i, o in enumerate(outs_sp):
-            ev = example_value(o)
-            got[i].meta["example_value"] = ev
-            o.replace_all_uses_with(got[i], delete_user_cb=lambda u: u not in body_set)
-            repl[o] = got[i]
-        for i in range(len(live)):
-            got[len(live) + i].meta["example_value"] = example_value(ins[i])
-        extra_out.extend(got[len(live):])
+        extra_out.extend(guard_span(new, env, repl, k, sp, preds[k], [res_phs[k]], "residual"))
     _set_outputs(out_node, outs + extra_out)
     g.eliminate_dead_code()
     g.lint()
@@ -192,32 +139,109 @@ def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
     return new
 
 
-def _branch(root: fx.GraphModule, operands, res_phs, body, ins, outs_sp, compute: bool) -> fx.GraphModule:
+def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pred: fx.Node,
+               state: list[list[fx.Node]], kind: str, coeffs: Sequence[fx.Node] = ()) -> list[fx.Node]:
+    """Replace span ``sp`` of the copied graph ``new`` by ``cond(pred, reuse, compute)``.
+
+    ``kind="residual"``: ``state = [res]`` (one tensor per live stream); reuse returns
+    ``in + res``; the new state is ``[out - in]`` (compute) or a copy of ``res`` (reuse).
+
+    ``kind="window"``: ``state = [res_prev, res_last]`` and ``coeffs = (a, b)`` (0-d
+    tensors); reuse returns ``in + a * res_prev + b * res_last`` (DiCache's trajectory
+    alignment, ``a = 1 - gamma``, ``b = gamma``; ``a = 0, b = 1`` is plain reuse); compute
+    shifts the window to ``[res_last, out - in]``; reuse keeps it.
+
+    Returns the new state nodes, flattened in the order of ``state``.  ``repl`` maps span
+    outputs already replaced by earlier spans (a later span's input may be one).
+    """
+    g = new.graph
+    keep = {env[n] for n in sp.keep}
+    body = [env[n] for n in sp.nodes if env[n] not in keep]
+    body_set = set(body)
+    operands: list[fx.Node] = []
+    for n in body:
+        for a in n.all_input_nodes:
+            if a not in body_set and a not in operands:
+                operands.append(a)
+    for a in operands:
+        if not isinstance(example_value(a), torch.Tensor):
+            raise RewriteError("non_tensor_operand",
+                               f"span reads the non-tensor value {a.name}; torch.cond needs tensors", sp.name)
+    live = sp.live_streams
+    ins = [_resolve(repl, env[s.input]) for s in live]
+    outs_sp = [env[s.output] for s in live]
+    for x in ins:
+        if x not in operands:
+            operands.append(x)
+    flat_state = [t for group in state for t in group]
+    extra = flat_state + list(coeffs)
+    true_gm = _branch(new, operands, extra, body, ins, outs_sp, compute=True, kind=kind)
+    false_gm = _branch(new, operands, extra, body, ins, outs_sp, compute=False, kind=kind)
+    tname, fname = f"omni_compute_{k}", f"omni_reuse_{k}"
+    new.add_submodule(tname, true_gm)
+    new.add_submodule(fname, false_gm)
+    order = _order(g)
+    anchor = max(body + [p for p in extra if p.op != "placeholder"], key=lambda n: order[n])
+    with g.inserting_after(anchor):
+        t_attr = g.get_attr(tname)
+    with g.inserting_after(t_attr):
+        f_attr = g.get_attr(fname)
+    with g.inserting_after(f_attr):
+        c = g.call_function(torch.ops.higher_order.cond,   # predicate True -> reuse
+                            (pred, f_attr, t_attr, tuple(operands + extra)))
+    n_out = len(live) + len(flat_state)
+    got = []
+    cur = c
+    for i in range(n_out):
+        with g.inserting_after(cur):
+            gi = g.call_function(operator.getitem, (c, i))
+        got.append(gi)
+        cur = gi
+    for i, o in enumerate(outs_sp):
+        got[i].meta["example_value"] = example_value(o)
+        o.replace_all_uses_with(got[i], delete_user_cb=lambda u: u not in body_set)
+        repl[o] = got[i]
+    for i, t in enumerate(flat_state):
+        got[len(live) + i].meta["example_value"] = example_value(t)
+    return got[len(live):]
+
+
+def _branch(root: fx.GraphModule, operands, extra, body, ins, outs_sp, compute: bool, kind: str) -> fx.GraphModule:
     bg = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    for a in operands:
+    for a in list(operands) + list(extra):
         p = bg.placeholder(a.name)
         p.meta.update({k: v for k, v in a.meta.items() if k in ("example_value", "val")})
         env[a] = p
-    res_in = []
-    for r in res_phs:
-        p = bg.placeholder(r.name)
-        p.meta.update({k: v for k, v in r.meta.items() if k in ("example_value", "val")})
-        res_in.append(p)
-    if compute:
-        for n in body:
-            env[n] = bg.node_copy(n, lambda a: env[a])
-        # both branches return fresh contiguous tensors: cond merges output metadata
-        # (strides, storage offset) and a stream output is often a view (a split half)
-        outs = [bg.call_method("clone", (env[o],), {"memory_format": torch.contiguous_format})
-                for o in outs_sp]
-        resid = [bg.call_method("contiguous", (bg.call_function(operator.sub, (env[o], env[x])),))
-                 for o, x in zip(outs_sp, ins)]
-        bg.output(tuple(outs + resid))
+    n = len(ins)
+    if kind == "residual":
+        res = [env[r] for r in extra[:n]]
     else:
-        outs = [bg.call_method("contiguous", (bg.call_function(operator.add, (env[x], r)),))
-                for x, r in zip(ins, res_in)]
-        keep = [bg.call_method("clone", (r,), {"memory_format": torch.contiguous_format}) for r in res_in]
-        bg.output(tuple(outs + keep))
+        prev, last = [env[r] for r in extra[:n]], [env[r] for r in extra[n:2 * n]]
+        a, b = env[extra[2 * n]], env[extra[2 * n + 1]]
+
+    def fresh(t):  # cond merges output metadata: return new contiguous tensors
+        return bg.call_method("clone", (t,), {"memory_format": torch.contiguous_format})
+
+    def contig(t):
+        return bg.call_method("contiguous", (t,))
+
+    if compute:
+        for node in body:
+            env[node] = bg.node_copy(node, lambda x: env[x])
+        outs = [fresh(env[o]) for o in outs_sp]
+        new_res = [contig(bg.call_function(operator.sub, (env[o], env[x]))) for o, x in zip(outs_sp, ins)]
+        state = new_res if kind == "residual" else [fresh(t) for t in last] + new_res
+    else:
+        if kind == "residual":
+            delta = res
+            state = [fresh(r) for r in res]
+        else:
+            delta = [bg.call_function(operator.add, (bg.call_function(operator.mul, (a, p)),
+                                                     bg.call_function(operator.mul, (b, q))))
+                     for p, q in zip(prev, last)]
+            state = [fresh(t) for t in prev] + [fresh(t) for t in last]
+        outs = [contig(bg.call_function(operator.add, (env[x], d))) for x, d in zip(ins, delta)]
+    bg.output(tuple(outs + state))
     bg.lint()
     return fx.GraphModule(root, bg)

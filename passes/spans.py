@@ -218,31 +218,37 @@ def _stream_name(node: fx.Node) -> str:
     return re.sub(r"_\d+$", "", node.name)
 
 
+def stream_inputs(group: Group, unit: int) -> list[fx.Node]:
+    """The stream values entering unit ``unit`` of ``group``."""
+    if unit < len(group.units) - 1:
+        return [a for a, _ in group.links[unit]]
+    return [b for _, b in group.links[unit - 1]]
+
+
+def follow_stream(group: Group, x: fx.Node, first: int, last: int) -> Optional[fx.Node]:
+    """The value stream ``x`` (entering unit ``first``) has after unit ``last``, or None
+    where it is not computed (a dead stream)."""
+    n_units = len(group.units)
+    cur: Optional[fx.Node] = x
+    for i in range(first, last + 1):
+        if cur is None:
+            return None
+        if i < n_units - 1:
+            cur = dict(group.links[i]).get(cur)
+        else:
+            prev = [b for _, b in group.links[i - 1]]
+            cur = group.last_outs[prev.index(cur)] if cur in prev else None
+    return cur
+
+
 def make_span(gm: fx.GraphModule, group: Group, first: int, last: int) -> tuple[Optional[Span], Optional[Reason]]:
     """The span of units ``first..last`` (inclusive) of ``group``, or why it cannot be cached."""
     label = f"{group.name}[{first}:{last + 1}]"
     n_units = len(group.units)
     if not (0 <= first <= last < n_units):
         return None, Reason("bad_span", f"units {first}..{last} outside 0..{n_units - 1}", label)
-    # stream inputs of unit `first`
-    if first < n_units - 1:
-        ins = [a for a, _ in group.links[first]]
-    else:
-        ins = [b for _, b in group.links[first - 1]]
-    # follow each stream to the output of unit `last`
-    outs: list[Optional[fx.Node]] = []
-    for x in ins:
-        cur: Optional[fx.Node] = x
-        for i in range(first, last + 1):
-            if cur is None:
-                break
-            if i < n_units - 1:
-                nxt = dict(group.links[i]).get(cur)
-            else:
-                prev = [b for _, b in group.links[i - 1]]
-                nxt = group.last_outs[prev.index(cur)] if cur in prev else None
-            cur = nxt
-        outs.append(cur)
+    ins = stream_inputs(group, first)
+    outs = [follow_stream(group, x, first, last) for x in ins]
     nodes = [n for u in group.units[first:last + 1] for n in u.nodes]
     inside = set(nodes)
     # which span nodes depend on a stream

@@ -1,0 +1,191 @@
+"""DiCache's online probe, decided inside the compiled graph.
+
+Plan (:func:`plan_probe`): the first ``probe_depth`` units of the first group are the
+*probe*; they are always computed.  Everything after them — the rest of the first group and
+every later group — becomes guarded spans that share one in-graph predicate.  The probe
+signal is measured on the *primary* stream: the stream entering the probe with the most
+elements (the image tokens of Flux; DiCache uses the image hidden states).
+
+Build (:func:`build_probe`): after the probe output the graph computes, with no host
+synchronisation,
+
+* ``delta_x = mean|x - x_prev| / mean|x_prev|`` (x: the primary stream entering the probe),
+  ``delta_y = mean|p - p_prev| / mean|p_prev|`` (p: the probe output),
+  ``err = delta_y`` or ``|delta_y - delta_x|`` (option ``error``), ``cand = acc + err``;
+* ``reuse = not force and cand < threshold and window >= 1`` (``force`` is the host's
+  static part: the first ``ret_ratio`` of the steps and the last step);
+* DiCache's alignment coefficient ``gamma = clip(mean|(p - x) - q_prev| /
+  mean|q_last - q_prev|, lo, hi)`` from the probe-residual window ``q``; with two cached
+  residuals the reused contribution is ``(1 - gamma) r_prev + gamma r_last``, else
+  ``r_last``;
+* the new state: ``acc' = reuse ? cand : 0``, ``x_prev' = x``, ``p_prev' = p``, the probe
+  window shifts on compute, the window count saturates at 2.
+
+Each guarded span is ``cond(reuse, in + a r_prev + b r_last, compute)`` (see
+:func:`~omnicompile.passes.rewrite.guard_span`, kind ``"window"``); computing refreshes
+the span's residual window.  Because the reused contribution is linear in the residuals,
+spans sharing the predicate add up to one residual over the whole rest of the stack.
+
+Unlike DiCache's reference code, a reused step keeps the probe's exact output and adds the
+cached residual of the remaining blocks (``out - p``), as diffusers' FirstBlockCache does,
+instead of adding a full-stack residual to the probe's input and discarding its work.
+
+Signature of the built graph::
+
+    (*orig, force, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev..., r_last...] per span)
+      -> (*orig_out, x_prev', p_prev', q_prev', q_last', acc', count', *span windows',
+          reuse, err, gamma)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from omnicompile.passes.common import Reason, copy_graph_module, example_value, tensor_meta
+from omnicompile.passes.rewrite import _add_placeholder, _output_values, _safe, _set_outputs, guard_span
+from omnicompile.passes.spans import Span, SpanAnalysis, follow_stream, make_span, stream_inputs
+
+__all__ = ["ProbePlan", "StateSpec", "plan_probe", "build_probe", "N_RECORDS"]
+
+N_RECORDS = 3  # reuse, err, gamma
+
+
+@dataclasses.dataclass
+class StateSpec:
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass
+class ProbePlan:
+    probe_depth: int
+    x: fx.Node
+    probe_out: fx.Node
+    primary: str
+    spans: list[Span]
+    probe_flops: int
+
+    def state_specs(self) -> list[StateSpec]:
+        shape, dtype, _ = tensor_meta(self.x)
+        specs = [StateSpec(n, shape, dtype) for n in ("x_prev", "p_prev", "q_prev", "q_last")]
+        specs += [StateSpec("acc", (), torch.float32), StateSpec("count", (), torch.float32)]
+        for sp in self.spans:
+            for which in ("r_prev", "r_last"):
+                specs += [StateSpec(f"{sp.name}:{s.name}:{which}", s.shape, s.dtype) for s in sp.live_streams]
+        return specs
+
+
+def plan_probe(gm: fx.GraphModule, analysis: SpanAnalysis, probe_depth: int) -> tuple[Optional[ProbePlan], Optional[Reason]]:
+    groups = analysis.groups
+    if not groups:
+        return None, Reason("no_groups", "no block list to probe")
+    g0 = groups[0]
+    if probe_depth > len(g0.units):
+        return None, Reason("probe_too_deep", f"probe_depth {probe_depth} exceeds the {len(g0.units)} units of "
+                            f"{g0.name}", g0.name)
+    xs = stream_inputs(g0, 0)
+    def numel(n):
+        tm = tensor_meta(n)
+        return math.prod(tm[0]) if tm else -1
+    x = max(xs, key=numel)
+    p = follow_stream(g0, x, 0, probe_depth - 1)
+    if p is None:
+        return None, Reason("probe_stream_dead", f"stream {x.name} does not survive the probe", g0.name)
+    if tensor_meta(p)[:2] != tensor_meta(x)[:2]:
+        return None, Reason("probe_shape", f"probe output {p.name} differs from its input {x.name} in shape", g0.name)
+    spans: list[Span] = []
+    if probe_depth < len(g0.units):
+        sp, why = make_span(gm, g0, probe_depth, len(g0.units) - 1)
+        if sp is None:
+            return None, why
+        spans.append(sp)
+    for g in groups[1:]:
+        sp, why = make_span(gm, g, 0, len(g.units) - 1)
+        if sp is None:
+            return None, why
+        spans.append(sp)
+    if not spans:
+        return None, Reason("nothing_after_probe", "the probe covers every block; nothing left to skip", g0.name)
+    from omnicompile.graphs.cost import node_flops
+    probe_nodes = [n for u in g0.units[:probe_depth] for n in u.nodes]
+    return ProbePlan(probe_depth, x, p, x.name, spans, sum(node_flops(n) for n in probe_nodes)), None
+
+
+def _decide_module(threshold: float, error: str, align: bool, lo: float, hi: float) -> fx.GraphModule:
+    def decide(x, probe, x_prev, p_prev, q_prev, q_last, acc, count, force):
+        def rel(a, b):
+            return (a.float() - b.float()).abs().mean() / b.float().abs().mean()
+        dx = rel(x, x_prev)
+        dy = rel(probe, p_prev)
+        err = dy if error == "delta_y" else (dy - dx).abs()
+        cand = acc + err
+        reuse = torch.logical_not(force) & (cand < threshold) & (count >= 1)
+        q_now = probe - x
+        gamma = ((q_now.float() - q_prev.float()).abs().mean()
+                 / (q_last.float() - q_prev.float()).abs().mean()).clamp(lo, hi)
+        gamma = torch.where(torch.isfinite(gamma), gamma, torch.ones_like(gamma))
+        two = (count >= 2) if align else torch.zeros_like(reuse)
+        a = torch.where(two, 1.0 - gamma, torch.zeros_like(gamma))
+        b = torch.where(two, gamma, torch.ones_like(gamma))
+        acc2 = torch.where(reuse, cand, torch.zeros_like(cand))
+        count2 = torch.where(reuse, count, torch.clamp(count + 1.0, max=2.0))
+        q_prev2 = torch.where(reuse, q_prev, q_last)
+        q_last2 = torch.where(reuse, q_last, q_now)
+        return reuse, a, b, acc2, count2, q_prev2, q_last2, err, gamma
+    return fx.symbolic_trace(decide)
+
+
+def _inline(g: fx.Graph, sub: fx.GraphModule, args: list[fx.Node], after: fx.Node) -> list[fx.Node]:
+    env: dict[fx.Node, fx.Node] = {}
+    phs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    for ph, a in zip(phs, args):
+        env[ph] = a
+    cur = after
+    result = None
+    for n in sub.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            result = fx.node.map_arg(n.args[0], lambda v: env[v])
+            break
+        with g.inserting_after(cur):
+            env[n] = g.node_copy(n, lambda v: env[v])
+        cur = env[n]
+    return list(result)
+
+
+def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: str, align: bool,
+                align_clip: tuple[float, float]) -> fx.GraphModule:
+    new, env = copy_graph_module(gm)
+    g = new.graph
+    out_node, outs = _output_values(g)
+    force = _add_placeholder(g, "omni_force", None)
+    specs = plan.state_specs()
+    state = [_add_placeholder(g, "omni_" + _safe(s.name), None) for s in specs]
+    x_prev, p_prev, q_prev, q_last, acc, count = state[:6]
+    x, p = env[plan.x], env[plan.probe_out]
+    dec = _decide_module(threshold, error, align, *align_clip)
+    reuse, a, b, acc2, count2, q_prev2, q_last2, err, gamma = _inline(
+        g, dec, [x, p, x_prev, p_prev, q_prev, q_last, acc, count, force], after=p)
+    for node, like in ((a, acc), (b, acc), (gamma, acc)):
+        node.meta["example_value"] = torch.empty(())
+    repl: dict = {}
+    span_state: list[fx.Node] = []
+    k = 6
+    for i, sp in enumerate(plan.spans):
+        n = len(sp.live_streams)
+        prev, last = state[k:k + n], state[k + n:k + 2 * n]
+        k += 2 * n
+        for ph, s in zip(prev + last, sp.live_streams + sp.live_streams):
+            ph.meta["example_value"] = example_value(s.input)
+        span_state += guard_span(new, env, repl, i, sp, reuse, [prev, last], "window", (a, b))
+    _set_outputs(out_node, outs + [x, p, q_prev2, q_last2, acc2, count2] + span_state + [reuse, err, gamma])
+    g.eliminate_dead_code()
+    g.lint()
+    new.recompile()
+    return new
