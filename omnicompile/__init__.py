@@ -11,12 +11,13 @@ process finds it without the import through the ``torch_dynamo_backends`` entry 
 from __future__ import annotations
 
 from omnicompile.config import OmniCacheConfig
-from omnicompile.errors import ConfigError, OmniCacheError, RewriteError
+from omnicompile.errors import CalibrationError, ConfigError, OmniCacheError, RewriteError
 from omnicompile.policies import POLICIES, register_policy
+from omnicompile import trajectory as _trajectory  # registers the trajectory policies
 from omnicompile.backend import OmniCache, last_report, omnicache_backend
 from omnicompile.report import Report
 
-__all__ = ["OmniCache", "OmniCacheConfig", "ConfigError", "OmniCacheError", "RewriteError",
+__all__ = ["OmniCache", "OmniCacheConfig", "ConfigError", "OmniCacheError", "RewriteError", "CalibrationError",
            "POLICIES", "register_policy", "omnicache_backend", "last_report", "Report"]
 __version__ = "0.1.0"
 

@@ -23,13 +23,12 @@ import torch
 import torch.fx as fx
 
 from omnicompile.config import OmniCacheConfig
-from omnicompile.errors import OmniCacheError
+from omnicompile.errors import CalibrationError, OmniCacheError
 from omnicompile.passes.blocks import find_blocks
 from omnicompile.passes.common import Reason, is_param_placeholder
 from omnicompile.passes.spans import find_spans
 from omnicompile.policies import make_policy
 from omnicompile.report import GraphReport, Report, SpanReport
-from omnicompile.runtime import GraphRuntime, InGraphRuntime
 
 log = logging.getLogger("omnicompile")
 
@@ -56,7 +55,8 @@ class OmniCache:
 
     def __init__(self, config: Optional[OmniCacheConfig | dict] = None, **fields):
         self.config = OmniCacheConfig.from_options(config, **fields)
-        self._graphs: list[tuple[GraphReport, Optional[GraphRuntime]]] = []
+        self._graphs: list[tuple[GraphReport, Optional[object]]] = []
+        self._calibrating = False
 
     # ------------------------------------------------------------------ public
     def report(self) -> Report:
@@ -72,8 +72,38 @@ class OmniCache:
                 rt.reset()
 
     @property
-    def runtimes(self) -> list[GraphRuntime]:
+    def runtimes(self) -> list:
         return [rt for _, rt in self._graphs if rt is not None]
+
+    def calibrate(self, fn: Callable[[], object], path: Optional[str] = None) -> list:
+        """Run ``fn`` (one full generation) as the calibration of every calibratable graph
+        (policy ``trajectory``): each step is computed and measured; afterwards the
+        schedule is derived.  Returns the calibrations; ``path`` saves them as JSON
+        (``path`` itself for one graph, ``path`` with ``.N`` before the suffix for more)."""
+        if not getattr(make_policy(self.config), "calibratable", False):
+            raise CalibrationError(f"policy {self.config.policy!r} has nothing to calibrate; "
+                                   "use policy 'trajectory' (or its presets)")
+        for rt in self.runtimes:
+            if hasattr(rt, "force_calibrate"):
+                rt.force_calibrate = True
+        self._calibrating = True
+        try:
+            fn()
+        finally:
+            self._calibrating = False
+        cals = []
+        for rt in self.runtimes:
+            if getattr(rt, "calibrating", False):
+                rt._finish_calibration()
+            if getattr(rt, "calibration", None) is not None:
+                cals.append(rt.calibration)
+        if not cals:
+            raise CalibrationError("the calibration function ran no generation through this backend")
+        if path is not None:
+            root, ext = os.path.splitext(os.fspath(path))
+            for i, cal in enumerate(cals):
+                cal.save(os.fspath(path) if len(cals) == 1 else f"{root}.{i}{ext}")
+        return cals
 
     # ------------------------------------------------------------------ backend
     def __call__(self, gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
@@ -122,10 +152,11 @@ class OmniCache:
         guard = cfg.guard if cfg.guard != "auto" else ("variants" if policy.static else "cond")
         report.guard = guard
         try:
-            if policy.in_graph:
-                rt = InGraphRuntime(gm, example_inputs, analysis, cfg, policy, report, inner)
-            else:
-                rt = GraphRuntime(gm, example_inputs, analysis, cfg, policy, report, inner, guard)
+            rt = policy.runtime_class()(gm, example_inputs, analysis, cfg, policy, report, inner, guard)
+            if self._calibrating and hasattr(rt, "force_calibrate"):
+                rt.force_calibrate = True
+        except CalibrationError:
+            raise   # the user named a calibration that does not fit: say so, never ignore it
         except OmniCacheError as e:
             return fallback(Reason(getattr(e, "code", "rewrite_failed"), str(e), getattr(e, "subject", "")))
         except Exception as e:

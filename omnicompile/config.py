@@ -51,6 +51,19 @@ class OmniCacheConfig:
     inner_backend: str = "inductor"
     #: write graphs and plans here (also OMNICACHE_DUMP_DIR)
     dump_dir: Optional[str] = None
+    #: trajectory: fraction of all steps reused (OmniCache; presets trajectory-slow /
+    #: trajectory-fast pick 0.5 / 0.6 when this is left at its default)
+    budget: float = 0.4
+    #: trajectory: "first" (calibrate on the first generation of each shape), a JSON path
+    #: written by oc.calibrate / `omnicache calibrate`, or None (only oc.calibrate(fn))
+    calibrate: Optional[str] = "first"
+    #: trajectory: remove the predicted cache-induced noise gamma_s * q while reusing
+    correction: bool = True
+    #: trajectory: curvature score, "angle" (between consecutive latent displacements) or
+    #: "output" (relative change of the model output)
+    curvature: str = "angle"
+    #: trajectory: minimum distance between two reuse steps (2: never two in a row)
+    min_gap: int = 2
     #: probe (DiCache): reuse while the accumulated error stays below this (DiCache's
     #: Flux default for error="delta_y")
     threshold: float = 0.4
@@ -93,6 +106,16 @@ class OmniCacheConfig:
             if 0 in items:
                 raise ConfigError("reuse_steps", rs, "step 0 has no cache to reuse; use steps >= 1")
             object.__setattr__(self, "reuse_steps", tuple(sorted(set(items))))
+        _check_number("budget", self.budget, lo=0.0, hi=1.0, hi_open=True)
+        if self.calibrate is not None:
+            _check_type("calibrate", self.calibrate, (str, os.PathLike))
+            object.__setattr__(self, "calibrate", os.fspath(self.calibrate))
+        if not isinstance(self.correction, bool):
+            raise ConfigError("correction", self.correction, "must be True or False")
+        _check_choice("curvature", self.curvature, ("angle", "output"))
+        _check_type("min_gap", self.min_gap, int)
+        if self.min_gap < 1:
+            raise ConfigError("min_gap", self.min_gap, "must be an integer >= 1")
         _check_number("threshold", self.threshold, lo=0.0, lo_open=True)
         _check_type("probe_depth", self.probe_depth, int)
         if self.probe_depth < 1:

@@ -1,7 +1,7 @@
 """Exception classes.  Each message says what was wrong and what is allowed."""
 from __future__ import annotations
 
-__all__ = ["OmniCacheError", "ConfigError", "RewriteError"]
+__all__ = ["OmniCacheError", "ConfigError", "RewriteError", "CalibrationError"]
 
 
 class OmniCacheError(Exception):
@@ -22,3 +22,7 @@ class RewriteError(OmniCacheError):
     def __init__(self, code: str, message: str, subject: str = ""):
         self.code, self.subject = code, subject
         super().__init__(message)
+
+
+class CalibrationError(OmniCacheError, ValueError):
+    """A calibration file is malformed or does not match the model / run it is used for."""

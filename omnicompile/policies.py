@@ -49,6 +49,12 @@ class Policy:
     def validate(cls, config: OmniCacheConfig) -> None:
         """Raise ConfigError for option combinations this policy cannot honour."""
 
+    @classmethod
+    def runtime_class(cls):
+        """The runtime that executes this policy's graphs."""
+        from omnicompile.runtime import GraphRuntime, InGraphRuntime
+        return InGraphRuntime if cls.in_graph else GraphRuntime
+
     def decide(self, step: int, num_steps: Optional[int], n_spans: int) -> tuple[bool, ...]:
         raise NotImplementedError
 

@@ -1,17 +1,43 @@
 """What the backend did, per compiled graph and per call.
 
 ``OmniCache.report()`` returns a :class:`Report`; ``str(report)`` is a readable table.
-Everything is plain dataclasses so later tools (markdown/JSON export, the CLI) read the
-same facts.
+Everything is plain dataclasses so later tools (the CLI, notebooks, CI) read the same facts.
+
+Exports, all derived from the same fields (nothing here is measured twice):
+
+* ``str(report)`` — the console table (latest generation of each graph);
+* ``report.to_markdown()`` — the same facts as Markdown: a summary row per graph, the block
+  lists, spans, refusals, the per-step timeline and the statistics of any policy signal;
+* ``report.to_dict()`` / ``report.to_json()`` — every field, JSON-safe (non-finite floats
+  become the strings ``"nan"``/``"inf"``/``"-inf"``); ``Report.from_json(text)`` rebuilds the
+  dataclasses, so ``Report.from_json(r.to_json()).to_json() == r.to_json()``;
+* ``graph.timeline()`` — one row per (generation, step): the calls of that step (CFG
+  slots), the decision of every span in every slot (``C`` computed, ``R`` reused, ``F``
+  computed because the slot had no cache yet although the policy asked for reuse) and the
+  FLOPs saved;
+* ``graph.signal_stats()`` — count / mean / min / percentiles / max of each per-call signal
+  a policy records in ``StepRecord.signals`` (e.g. a probe's relative change; the static
+  policy records none).
+
+Hit rate, FLOPs saved and bytes held keep their meaning: a *hit* is a span decision
+``"reused"``; FLOPs are the cost model's estimate (:mod:`omnicompile.graphs.cost`); bytes
+held are the cache tensors alive after the latest call.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import json
+import math
+from typing import Any, Optional, Sequence
 
 from omnicompile.passes.common import Reason
 
-__all__ = ["SpanReport", "StepRecord", "GraphReport", "Report"]
+__all__ = ["SpanReport", "StepRecord", "GraphReport", "Report", "percentile"]
+
+#: percentiles reported by ``signal_stats``
+PERCENTILES = (50, 90, 99)
+
+_MARK = {"computed": "C", "reused": "R"}
 
 
 @dataclasses.dataclass
@@ -32,6 +58,8 @@ class StepRecord:
     decisions: dict[str, str]   # span -> "computed" | "reused"
     flops_saved: int
     forced: list[str] = dataclasses.field(default_factory=list)  # spans computed for lack of a cache
+    #: per-call values a policy measured (e.g. a probe's relative change), name -> value
+    signals: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -76,6 +104,146 @@ class GraphReport:
         total = self.flops_per_call * self.calls
         return self.flops_saved / total if total else 0.0
 
+    # ------------------------------------------------------------------ views
+    def timeline(self, generation: Optional[int] = None) -> list[dict]:
+        """One row per (generation, step), in call order; ``generation`` selects one.
+
+        Row keys: ``generation``, ``step``, ``timestep`` (of the step's first call),
+        ``calls`` (CFG slots seen), ``decisions`` (span -> one letter per slot: ``C``
+        computed, ``R`` reused, ``F`` forced compute), ``reused`` / ``computed`` (span
+        decisions summed over slots), ``flops_saved`` and ``flops_saved_fraction`` (of the
+        step's total estimated FLOPs).
+        """
+        rows: dict[tuple[int, int], dict] = {}
+        names = [s.name for s in self.spans]
+        for r in self.steps:
+            if generation is not None and r.generation != generation:
+                continue
+            key = (r.generation, r.step)
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = {"generation": r.generation, "step": r.step, "timestep": r.timestep,
+                                   "calls": 0, "decisions": {}, "reused": 0, "computed": 0,
+                                   "flops_saved": 0, "flops_saved_fraction": 0.0}
+            row["calls"] += 1
+            row["flops_saved"] += r.flops_saved
+            for name in names or list(r.decisions):
+                d = r.decisions.get(name)
+                mark = "-" if d is None else ("F" if name in r.forced else _MARK.get(d, "?"))
+                row["decisions"][name] = row["decisions"].get(name, "") + mark
+                row["reused"] += d == "reused"
+                row["computed"] += d == "computed"
+        out = list(rows.values())
+        for row in out:
+            total = self.flops_per_call * row["calls"]
+            row["flops_saved_fraction"] = row["flops_saved"] / total if total else 0.0
+        return out
+
+    def signal_stats(self, percentiles: Sequence[float] = PERCENTILES) -> dict[str, dict]:
+        """Statistics of every signal recorded in ``StepRecord.signals``:
+        ``{name: {"count", "mean", "min", "p50", "p90", "p99", "max"}}`` (non-finite
+        values are left out)."""
+        values: dict[str, list[float]] = {}
+        for r in self.steps:
+            for k, v in r.signals.items():
+                if v is not None and math.isfinite(float(v)):
+                    values.setdefault(k, []).append(float(v))
+        out = {}
+        for k, vs in values.items():
+            vs.sort()
+            st = {"count": len(vs), "mean": sum(vs) / len(vs), "min": vs[0]}
+            for p in percentiles:
+                st[f"p{p:g}"] = percentile(vs, p, presorted=True)
+            st["max"] = vs[-1]
+            out[k] = st
+        return out
+
+    def summary(self) -> dict:
+        """The headline numbers (what cache-dit's ``summary()`` shows, and more)."""
+        c, u = self.span_decisions
+        return {"graph_id": self.graph_id, "cached": self.cached, "policy": dict(self.policy),
+                "guard": self.guard, "calls": self.calls, "generations": self.generations,
+                "span_decisions_computed": c, "span_decisions_reused": u, "hit_rate": self.hit_rate,
+                "flops_per_call": self.flops_per_call, "flops_saved": self.flops_saved,
+                "flops_saved_fraction": self.flops_saved_fraction, "cache_bytes": self.cache_bytes,
+                "fallback": self.fallback.to_dict() if self.fallback else None}
+
+    # ------------------------------------------------------------------ export
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)   # Reason is a dataclass too: becomes a dict
+        d["summary"] = self.summary()
+        d["timeline"] = self.timeline()
+        d["signal_stats"] = self.signal_stats()
+        return _json_safe(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphReport":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["fallback"] = Reason(**d["fallback"]) if d.get("fallback") else None
+        kw["refused"] = [Reason(**r) for r in d.get("refused", [])]
+        kw["spans"] = [SpanReport(**s) for s in d.get("spans", [])]
+        kw["steps"] = [StepRecord(**{**s, "timestep": float(s["timestep"]),
+                                     "signals": {k: float(v) for k, v in s.get("signals", {}).items()}})
+                       for s in d.get("steps", [])]
+        return cls(**kw)
+
+    def to_markdown(self, all_generations: bool = False) -> str:
+        """This graph as Markdown (the timeline shows the latest generation unless
+        ``all_generations``)."""
+        g = self
+        lines = [f"## graph {g.graph_id}", ""]
+        if g.cached:
+            lines.append(f"cached: guard `{g.guard}`, inner backend `{g.inner_backend}`, "
+                         f"timestep input `{g.timestep_input}`, policy `{_policy_text(g.policy)}`")
+        else:
+            why = g.fallback or Reason("unchanged", "graph compiled unchanged")
+            lines.append(f"compiled unchanged: `{why.code}` {_md(why.subject + ': ' if why.subject else '')}"
+                         f"{_md(why.message)}")
+        lines += ["", f"{g.nodes} nodes, {g.flops_per_call / 1e6:.3f} MFLOP per call (estimated)", ""]
+        if g.block_lists:
+            lines += ["| block list | blocks | found by | nodes per block |", "|---|---:|---|---|"]
+            for bl in g.block_lists:
+                npb = bl.get("nodes_per_block") or []
+                shown = str(npb[0]) if npb and len(set(npb)) == 1 else ", ".join(map(str, npb))
+                lines.append(f"| `{bl['name']}` | {bl['count']} | {bl['method']} | {shown} |")
+            lines.append("")
+        if g.spans:
+            lines += ["| span | units | streams | side inputs | MFLOP |", "|---|---:|---|---|---:|"]
+            for s in g.spans:
+                lines.append(f"| `{s.name}` | {s.units} | {', '.join(s.streams)} | "
+                             f"{', '.join(s.side_inputs) or '-'} | {s.flops / 1e6:.3f} |")
+            lines.append("")
+        if g.refused:
+            lines.append("not cached:")
+            lines += [f"- `{r.code}` {_md(r.subject + ': ' if r.subject else '')}{_md(r.message)}"
+                      for r in g.refused]
+            lines.append("")
+        if g.steps:
+            c, u = g.span_decisions
+            lines += [f"calls {g.calls} in {g.generations} generation(s); span decisions computed {c}, "
+                      f"reused {u} (hit rate {g.hit_rate:.1%}); FLOPs saved {g.flops_saved_fraction:.1%} "
+                      f"({g.flops_saved / 1e6:.3f} MFLOP); cache held {_bytes(g.cache_bytes)}", ""]
+            gen = None if all_generations else g.steps[-1].generation
+            rows = g.timeline(gen)
+            names = [s.name for s in g.spans] or sorted({k for r in rows for k in r["decisions"]})
+            head = "| gen | step | timestep | calls | " + " | ".join(f"`{n}`" for n in names) + " | FLOPs saved |"
+            lines += ["timeline (C computed, R reused, F computed for lack of a cache; one letter per call):",
+                      "", head, "|" + "---:|" * 4 + ":---:|" * len(names) + "---:|"]
+            for r in rows:
+                marks = " | ".join(r["decisions"].get(n, "-") for n in names)
+                lines.append(f"| {r['generation']} | {r['step']} | {_num(r['timestep'])} | {r['calls']} | "
+                             f"{marks} | {r['flops_saved_fraction']:.0%} |")
+            lines.append("")
+        stats = g.signal_stats()
+        if stats:
+            keys = [k for k in next(iter(stats.values())) if k != "count"]
+            lines += ["| signal | count | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+            for name, st in stats.items():
+                lines.append(f"| `{name}` | {st['count']} | " + " | ".join(f"{st[k]:.4g}" for k in keys) + " |")
+            lines.append("")
+        return "\n".join(lines).rstrip() + "\n"
+
 
 @dataclasses.dataclass
 class Report:
@@ -85,6 +253,68 @@ class Report:
     def flops_saved_fraction(self) -> float:
         tot = sum(g.flops_per_call * g.calls for g in self.graphs)
         return sum(g.flops_saved for g in self.graphs) / tot if tot else 0.0
+
+    @property
+    def calls(self) -> int:
+        return sum(g.calls for g in self.graphs)
+
+    @property
+    def hit_rate(self) -> float:
+        c = sum(g.span_decisions[0] for g in self.graphs)
+        r = sum(g.span_decisions[1] for g in self.graphs)
+        return r / (c + r) if c + r else 0.0
+
+    @property
+    def flops_saved(self) -> int:
+        return sum(g.flops_saved for g in self.graphs)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(g.cache_bytes for g in self.graphs)
+
+    def timeline(self) -> list[dict]:
+        """Every graph's :meth:`GraphReport.timeline`, rows tagged with ``graph_id``."""
+        return [{"graph_id": g.graph_id, **row} for g in self.graphs for row in g.timeline()]
+
+    def summary(self) -> dict:
+        return {"graphs": len(self.graphs), "cached_graphs": sum(g.cached for g in self.graphs),
+                "calls": self.calls, "hit_rate": self.hit_rate, "flops_saved": self.flops_saved,
+                "flops_saved_fraction": self.flops_saved_fraction, "cache_bytes": self.cache_bytes}
+
+    # ------------------------------------------------------------------ export
+    def to_dict(self) -> dict:
+        return {"summary": _json_safe(self.summary()), "graphs": [g.to_dict() for g in self.graphs]}
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        """Strict JSON (``json.loads`` reads it back; so does :meth:`from_json`)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        return cls([GraphReport.from_dict(g) for g in d.get("graphs", [])])
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        return cls.from_dict(json.loads(text))
+
+    def to_markdown(self, all_generations: bool = False) -> str:
+        """A summary table of every graph, then one section per graph."""
+        if not self.graphs:
+            return "# omnicache report\n\nno graph compiled yet\n"
+        lines = ["# omnicache report", "",
+                 "| graph | nodes | status | policy | calls | hit rate | FLOPs saved | cache held |",
+                 "|---:|---:|---|---|---:|---:|---:|---:|"]
+        for g in self.graphs:
+            status = f"cached ({g.guard})" if g.cached else \
+                f"unchanged: `{(g.fallback or Reason('unchanged', '')).code}`"
+            lines.append(f"| {g.graph_id} | {g.nodes} | {status} | `{_policy_text(g.policy)}` | {g.calls} | "
+                         f"{g.hit_rate:.1%} | {g.flops_saved_fraction:.1%} | {_bytes(g.cache_bytes)} |")
+        if len(self.graphs) > 1:
+            lines.append(f"| all | | | | {self.calls} | {self.hit_rate:.1%} | {self.flops_saved_fraction:.1%} "
+                         f"| {_bytes(self.cache_bytes)} |")
+        lines.append("")
+        body = "\n".join(g.to_markdown(all_generations) for g in self.graphs)
+        return "\n".join(lines) + "\n" + body
 
     def __str__(self) -> str:
         if not self.graphs:
@@ -120,3 +350,55 @@ class Report:
                              f"(hit rate {g.hit_rate:.1%}), FLOPs saved {g.flops_saved_fraction:.1%}, "
                              f"cache held {g.cache_bytes / 1024:.1f} KiB")
         return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def percentile(values: Sequence[float], p: float, presorted: bool = False) -> float:
+    """The ``p``-th percentile (0..100) with linear interpolation between closest ranks
+    (numpy's default), without numpy.  Raises ``ValueError`` on an empty sequence."""
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile p must be in [0, 100], got {p}")
+    vs = list(values) if presorted else sorted(values)
+    pos = (len(vs) - 1) * p / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(vs) - 1)
+    return vs[lo] + (vs[hi] - vs[lo]) * (pos - lo)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _policy_text(policy: dict) -> str:
+    rest = " ".join(f"{k}={v}" for k, v in policy.items() if k != "policy")
+    return f"{policy.get('policy', '?')}{' ' + rest if rest else ''}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")

@@ -258,7 +258,7 @@ class InGraphRuntime(_RuntimeBase):
     keeps the records (device tensors) until the report is read.
     """
 
-    def __init__(self, gm, example_inputs, analysis, config, policy, report, compile_fn):
+    def __init__(self, gm, example_inputs, analysis, config, policy, report, compile_fn, guard=None):
         super().__init__(gm, example_inputs, analysis, config, policy, report, compile_fn)
         built = policy.build(gm, analysis)
         self.plan = built

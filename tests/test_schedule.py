@@ -1,0 +1,66 @@
+"""Trajectory schedule selection: properties over random curvature profiles (hypothesis)."""
+import math
+
+from hypothesis import given, settings, strategies as st
+
+from omnicompile.graphs.schedule import angle_scores, fit_gamma, output_change_scores, select_reuse_steps
+
+profiles = st.lists(st.one_of(st.floats(0, 3.2), st.just(math.inf)), min_size=1, max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(scores=profiles, budget=st.floats(0, 0.95), gap=st.integers(1, 4), warm=st.integers(0, 6),
+       cool=st.integers(0, 4), w=st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)))
+def test_selection_invariants(scores, budget, gap, warm, cool, w):
+    n = len(scores)
+    steps = select_reuse_steps(scores, budget, min_gap=gap, warmup=warm, cooldown=cool, phase_weights=w)
+    assert steps == sorted(set(steps))
+    assert len(steps) <= math.floor(budget * n + 1e-9)
+    assert all(warm <= s < n - cool for s in steps)
+    assert all(b - a >= gap for a, b in zip(steps, steps[1:]))
+    assert all(math.isfinite(scores[s]) for s in steps)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scores=st.lists(st.floats(0, 3), min_size=20, max_size=60), budget=st.floats(0.1, 0.3))
+def test_selection_fills_budget_when_room(scores, budget):
+    """With gap 2 each pick blocks at most 3 of the n-3 eligible steps, so a quota of at
+    most 30% always fits."""
+    n = len(scores)
+    steps = select_reuse_steps(scores, budget, min_gap=2, warmup=2, cooldown=1)
+    assert len(steps) == math.floor(budget * n + 1e-9)
+
+
+def test_lowest_curvature_wins_within_a_phase():
+    scores = [9.0] * 30
+    for s in (4, 6, 14, 16, 24):
+        scores[s] = 0.1
+    steps = select_reuse_steps(scores, 5 / 30, min_gap=2, warmup=2, cooldown=1, phase_weights=(1, 1, 1))
+    assert steps == [4, 6, 14, 16, 24]
+
+
+def test_budget_is_spread_not_late_only():
+    # late steps are the flattest; the phase weights still put most reuse early/middle
+    scores = [1.0 - s / 40 for s in range(40)]
+    steps = select_reuse_steps(scores, 0.25, min_gap=2, warmup=2, cooldown=1)
+    late = [s for s in steps if 3 * s // 40 == 2]   # the last third
+    assert len(steps) == 10 and len(late) <= 2   # a late-only rule would put all 10 late
+
+
+def test_angle_scores_against_geometry():
+    # a path turning by 90 degrees at step 2 and going straight at step 3
+    xs = [(0, 0), (1, 0), (1, 1), (1, 2)]
+    ds = [None] + [(b[0] - a[0], b[1] - a[1]) for a, b in zip(xs, xs[1:])]
+    norms = [0.0] + [math.hypot(*d) for d in ds[1:]]
+    dots = [math.nan, math.nan] + [ds[s][0] * ds[s - 1][0] + ds[s][1] * ds[s - 1][1] for s in range(2, 4)]
+    a = angle_scores(dots, norms)
+    assert a[:2] == [math.inf, math.inf]
+    assert math.isclose(a[2], math.pi / 2) and math.isclose(a[3], 0.0, abs_tol=1e-7)
+
+
+def test_output_change_and_gamma_fit():
+    assert output_change_scores([math.inf, 0.5, 0.25]) == [math.inf, 0.5, 0.25]
+    # q_s = 0.8 q_{s-1}: |q|^2 = 1, .64, .4096; <q_s, q_{s-1}> = .8, .512
+    g = fit_gamma([math.nan, 0.8, 0.512], [1.0, 0.64, 0.4096])
+    assert g[0] is None and math.isclose(g[1], 0.8) and math.isclose(g[2], 0.8)
+    assert fit_gamma([math.nan, 5.0], [1.0, 1.0], hi=1.5)[1] == 1.5
