@@ -67,6 +67,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--small", action="store_true", help="a quick configuration")
     p.add_argument("--methods", default="eager,inductor,none,static-variants,static-cond")
+    p.add_argument("--probe-threshold", type=float, default=0.4)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.small:
@@ -84,6 +85,9 @@ def main(argv=None):
         "none": lambda: _oc(model, policy="none"),
         "static-variants": lambda: _oc(model, guard="variants", **static),
         "static-cond": lambda: _oc(model, guard="cond", **static),
+        # the first (warm-up) run of trajectory is its calibration generation
+        "trajectory": lambda: _oc(model, policy="trajectory", budget=0.45),
+        "probe": lambda: _oc(model, policy="probe", threshold=args.probe_threshold, num_steps=args.steps),
     }
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -118,8 +122,11 @@ def main(argv=None):
             rep = oc.report()
             g = rep.graphs[0]
             if g.cached and g.calls:
-                # the ideal speedup counts only the matmul work the cache skips
-                ideal = 1.0 / (1.0 - rep.flops_saved_fraction)
+                # the ideal speedup counts only the matmul work the cache skips, over the
+                # last timed generation (not the warm-up / calibration one)
+                last = [s for s in g.steps if s.generation == g.steps[-1].generation]
+                frac = sum(s.flops_saved for s in last) / (g.flops_per_call * len(last))
+                ideal = 1.0 / (1.0 - frac)
         speed = med[base] / med[m]
         rows.append({
             "method": m, "median_s": med[m], "times_s": times[m], "compile_s": compile_s[m],
@@ -142,9 +149,10 @@ def main(argv=None):
               f"| {f(r['ideal_speedup'])}x | {f(r['fraction_of_ideal'], '{:.0%}')} | "
               f"{r['max_abs_diff_vs_' + base]:.3g} |")
     for m in methods:
-        if ocs[m] is not None and m.startswith("static"):
-            print(f"\nreport of {m}:\n{ocs[m].report()}")
-            break
+        if ocs[m] is not None and ocs[m].report().graphs[0].cached:
+            g = ocs[m].report().graphs[0]
+            print(f"{m}: hit rate {g.hit_rate:.1%} over all calls (warm-up included), "
+                  f"FLOPs saved {g.flops_saved_fraction:.1%}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"config": cfg, "rows": rows}, fh, indent=2)

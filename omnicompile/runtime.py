@@ -117,6 +117,9 @@ class _RuntimeBase:
         val = out.args[0]
         self.n_out = len(val) if isinstance(val, (tuple, list)) else 1
         self.tracker = StepTracker()
+        #: per CFG slot, what the runtime keeps between calls (caches, policy state);
+        #: cleared when a generation starts
+        self.slots: dict[int, object] = {}
         self.compiled: dict = {}
         self.dumps: dict[str, str] = {}
         self.device = self.example_inputs[self.ts_index].device
@@ -148,7 +151,20 @@ class _RuntimeBase:
         gen, step, slot, new = self.tracker.advance(t, self._signature(args))
         if new:
             self.report.generations += 1
+            self.slots.clear()
         return gen, step, slot, new, t
+
+    def _held_bytes(self) -> int:
+        """Bytes of every tensor the slots hold (nested lists / dicts)."""
+        def walk(v):
+            if isinstance(v, torch.Tensor):
+                return v.numel() * v.element_size()
+            if isinstance(v, dict):
+                return sum(walk(x) for x in v.values())
+            if isinstance(v, (list, tuple)):
+                return sum(walk(x) for x in v)
+            return 0
+        return walk(self.slots)
 
     @property
     def num_steps(self) -> Optional[int]:
@@ -160,6 +176,7 @@ class _RuntimeBase:
 
     def reset(self) -> None:
         self.tracker.reset()
+        self.slots.clear()
         self.report.cache_bytes = 0
 
 
@@ -172,7 +189,6 @@ class GraphRuntime(_RuntimeBase):
         self.spans = analysis.spans
         self.guard = guard
         self.counts = [len(s.live_streams) for s in self.spans]
-        self.cache: dict[int, list[Optional[list[torch.Tensor]]]] = {}
         self._pred = {False: torch.tensor(False), True: torch.tensor(True)}
         if guard == "variants":
             for dec in policy.variants(len(self.spans)):
@@ -198,16 +214,10 @@ class GraphRuntime(_RuntimeBase):
             fn = self._compile("cond", build_cond(self.gm, self.spans), preds + self._zeros([True] * len(self.spans)))
         return fn
 
-    def reset(self) -> None:
-        super().reset()
-        self.cache.clear()
-
     def __call__(self, *args):
         gen, step, slot, new, t = self._advance(args)
-        if new:
-            self.cache.clear()
         n = len(self.spans)
-        slot_cache = self.cache.setdefault(slot, [None] * n)
+        slot_cache = self.slots.setdefault(slot, [None] * n)
         dec = list(self.policy.decide(step, self.num_steps, n))
         forced = []
         for i in range(n):
@@ -238,8 +248,7 @@ class GraphRuntime(_RuntimeBase):
             for i in range(n):
                 slot_cache[i] = new_res[k:k + self.counts[i]]
                 k += self.counts[i]
-        self.report.cache_bytes = sum(
-            r.numel() * r.element_size() for sc in self.cache.values() for rs in sc if rs for r in rs)
+        self.report.cache_bytes = self._held_bytes()
         saved = sum(sp.flops for sp, d in zip(self.spans, dec_t) if d)
         self.report.steps.append(StepRecord(
             gen, step, slot, t,
@@ -264,7 +273,6 @@ class InGraphRuntime(_RuntimeBase):
         self.plan = built
         self.spans = built.spans
         self.specs = built.state_specs()
-        self.state: dict[int, list[torch.Tensor]] = {}
         self.pending: list = []
         self._flags = {b: torch.tensor(b, device=self.device) for b in (False, True)}
         g = policy.build_graph(gm, built)
@@ -273,24 +281,18 @@ class InGraphRuntime(_RuntimeBase):
     def _init_state(self) -> list[torch.Tensor]:
         return [torch.zeros(s.shape, dtype=s.dtype, device=self.device) for s in self.specs]
 
-    def reset(self) -> None:
-        super().reset()
-        self.state.clear()
-
     def __call__(self, *args):
         gen, step, slot, new, t = self._advance(args)
-        if new:
-            self.state.clear()
-        st = self.state.get(slot)
+        st = self.slots.get(slot)
         force = self.policy.force(step, self.num_steps, t, self.tracker) or st is None
         if st is None:
             st = self._init_state()
         outs = call_compiled(self._fn, list(args) + [self._flags[bool(force)]] + st)
         n_state = len(self.specs)
-        self.state[slot] = list(outs[self.n_out:self.n_out + n_state])
+        self.slots[slot] = list(outs[self.n_out:self.n_out + n_state])
         records = outs[self.n_out + n_state:]
         self.pending.append((gen, step, slot, t, bool(force), records))
-        self.report.cache_bytes = sum(x.numel() * x.element_size() for s in self.state.values() for x in s)
+        self.report.cache_bytes = self._held_bytes()
         return tuple(outs[:self.n_out])
 
     def flush(self) -> None:

@@ -260,7 +260,6 @@ class TrajectoryRuntime(_RuntimeBase):
         self.force_calibrate = False
         self._recorder: Optional[_Recorder] = None
         self._slots_seen = 1
-        self.cache: dict[int, dict] = {}
         self.gamma = torch.ones((), device=self.device)
         if isinstance(config.calibrate, str) and config.calibrate != "first":
             self.set_calibration(Calibration.load(config.calibrate))
@@ -323,17 +322,12 @@ class TrajectoryRuntime(_RuntimeBase):
         self._recorder = None
         self.calibrating = False
 
-    def reset(self) -> None:
-        super().reset()
-        self.cache.clear()
-
     # ---------------------------------------------------------------- call
     def __call__(self, *args):
         gen, step, slot, new, t = self._advance(args)
         if new:
             if self.calibrating:
                 self._finish_calibration()
-            self.cache.clear()
             want = self.force_calibrate or (self.calibration is None and self.config.calibrate == "first")
             if want:
                 self.calibrating, self.force_calibrate = True, False
@@ -341,7 +335,7 @@ class TrajectoryRuntime(_RuntimeBase):
                 self._slots_seen = 1
         if self.calibrating:
             self._slots_seen = max(self._slots_seen, slot + 1)
-        st = self.cache.setdefault(slot, {})
+        st = self.slots.setdefault(slot, {})
         cal = self.calibration
         scheduled = not self.calibrating and cal is not None and step in self.schedule
         reuse = scheduled and "res" in st and step < cal.num_steps
@@ -367,8 +361,7 @@ class TrajectoryRuntime(_RuntimeBase):
         if self.calibrating and slot == 0:
             q = st.get("q") if measure else None
             self._recorder.step(args[self.latent_index], outs[self.out_float[0]], q[0] if q else None)
-        self.report.cache_bytes = sum(x.numel() * x.element_size() for s in self.cache.values()
-                                      for v in s.values() for x in v)
+        self.report.cache_bytes = self._held_bytes()
         self.report.steps.append(StepRecord(
             gen, step, slot, t, {sp.name: ("reused" if reuse else "computed") for sp in self.spans},
             sum(sp.flops for sp in self.spans) if reuse else 0, forced,
