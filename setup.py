@@ -23,12 +23,14 @@ setup(
     package_data={"omnicompile.passes": ["README.md"]},
     install_requires=["torch>=2.11", "triton", "networkx>=3.0", "sympy>=1.12"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "numpy", "diffusers>=0.35", "safetensors"],
+        "test": ["pytest>=7", "hypothesis>=6", "numpy", "diffusers>=0.35", "safetensors", "matplotlib"],
+        "viz": ["matplotlib"],
         "diffusers": ["diffusers>=0.35", "safetensors", "numpy"],
         "bench": ["diffusers>=0.35", "safetensors", "numpy", "tqdm", "matplotlib",
                   "scikit-learn", "scikit-image", "scipy", "cache-dit"],
     },
     entry_points={
         "torch_dynamo_backends": ["omnicache = omnicompile.backend:omnicache_backend"],
+        "console_scripts": ["omnicache = omnicompile.cli:main"],
     },
 )

@@ -117,13 +117,14 @@ class OmniCache:
         report = GraphReport(graph_id=gid, nodes=len(gm.graph.nodes), cached=False,
                              policy=policy.describe(), inner_backend=cfg.inner_backend)
         inner = inner_compiler(cfg.inner_backend)
-        self._dump(cfg, gid, "before", gm.code)
+        blocks = analysis = None          # read (late-bound) by the dump below
 
         def fallback(reason: Reason, warn: bool = True):
             report.fallback = reason
             if warn:
                 log.warning("omnicache: graph %d compiled without caching: %s", gid, reason)
             self._graphs.append((report, None))
+            self._write_dump(cfg, gm, report, None, blocks, analysis)
             return inner(gm, example_inputs)
 
         if not policy.rewrites:
@@ -165,18 +166,18 @@ class OmniCache:
         report.cached = True
         report.spans = [SpanReport(s.name, s.last_unit - s.first_unit + 1, [st.name for st in s.live_streams],
                                    [n.name for n in s.side_inputs], s.flops) for s in rt.spans]
-        for name, code in rt.dumps.items():
-            self._dump(cfg, gid, f"after_{name}", code)
         self._graphs.append((report, rt))
+        self._write_dump(cfg, gm, report, rt, blocks, analysis)
         return rt
 
     @staticmethod
-    def _dump(cfg: OmniCacheConfig, gid: int, what: str, code: str) -> None:
+    def _write_dump(cfg, gm, report, rt, blocks, analysis) -> None:
+        """With ``dump_dir`` set: the full dump of this graph (omnicompile.dump); never raises."""
         if not cfg.dump_dir:
             return
-        os.makedirs(cfg.dump_dir, exist_ok=True)
-        with open(os.path.join(cfg.dump_dir, f"graph{gid}_{what}.py"), "w") as f:
-            f.write(code)
+        from omnicompile.dump import write_graph_dump
+        write_graph_dump(cfg.dump_dir, report.graph_id, gm, report, rt, config=cfg,
+                         blocks=blocks, analysis=analysis)
 
 
 def _graph_flops(gm: fx.GraphModule) -> int:

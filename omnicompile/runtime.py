@@ -122,6 +122,7 @@ class _RuntimeBase:
         self.slots: dict[int, object] = {}
         self.compiled: dict = {}
         self.dumps: dict[str, str] = {}
+        self.graphs: dict[str, fx.GraphModule] = {}   # the rewritten graphs, for dumps
         self.device = self.example_inputs[self.ts_index].device
         for i in self.user_index:
             x = self.example_inputs[i]
@@ -133,6 +134,7 @@ class _RuntimeBase:
         fn = self.compile_fn(g, self.example_inputs + list(extra_examples))
         self.compiled[key] = fn
         self.dumps[key] = g.code
+        self.graphs[key] = g
         return fn
 
     def _signature(self, args) -> tuple:
