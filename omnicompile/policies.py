@@ -49,6 +49,11 @@ class Policy:
     def validate(cls, config: OmniCacheConfig) -> None:
         """Raise ConfigError for option combinations this policy cannot honour."""
 
+    def select_spans(self, gm, analysis) -> list:
+        """The spans this policy guards (default: one per block group, from the analysis).
+        A policy that decides per unit returns finer spans (``passes.spans.make_span``)."""
+        return list(analysis.spans)
+
     @classmethod
     def runtime_class(cls):
         """The runtime that executes this policy's graphs."""

@@ -188,7 +188,7 @@ class GraphRuntime(_RuntimeBase):
 
     def __init__(self, gm, example_inputs, analysis, config, policy, report, compile_fn, guard: str):
         super().__init__(gm, example_inputs, analysis, config, policy, report, compile_fn)
-        self.spans = analysis.spans
+        self.spans = policy.select_spans(gm, analysis)
         self.guard = guard
         self.counts = [len(s.live_streams) for s in self.spans]
         self._pred = {False: torch.tensor(False), True: torch.tensor(True)}
