@@ -23,7 +23,8 @@ setup(
     package_data={"omnicompile.passes": ["README.md"]},
     install_requires=["torch>=2.11", "triton", "networkx>=3.0", "sympy>=1.12"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "numpy", "diffusers>=0.35", "safetensors", "matplotlib"],
+        "test": ["pytest>=7", "hypothesis>=6", "numpy", "diffusers>=0.35", "safetensors", "matplotlib",
+                 "scikit-learn", "scikit-image", "tqdm"],
         "viz": ["matplotlib"],
         "diffusers": ["diffusers>=0.35", "safetensors", "numpy"],
         "bench": ["diffusers>=0.35", "safetensors", "numpy", "tqdm", "matplotlib",
