@@ -22,7 +22,7 @@ def test_same_names_for_object_and_options():
 
 @pytest.mark.parametrize("fields, field, words", [
     ({"polcy": "static"}, "polcy", "did you mean 'policy'"),
-    ({"policy": "magic"}, "policy", "allowed: none, probe, static"),
+    ({"policy": "magic"}, "policy", "none, probe, static, trajectory"),
     ({"policy": 3}, "policy", "type str"),
     ({"interval": 0}, "interval", ">= 1"),
     ({"interval": 2.5}, "interval", "type int"),
