@@ -14,6 +14,7 @@ from omnicompile.config import OmniCacheConfig
 from omnicompile.errors import CalibrationError, ConfigError, OmniCacheError, RewriteError
 from omnicompile.policies import POLICIES, register_policy
 from omnicompile import trajectory as _trajectory  # registers the trajectory policies
+from omnicompile import layered as _layered  # registers the layered policy
 from omnicompile.backend import OmniCache, last_report, omnicache_backend
 from omnicompile.report import Report
 

@@ -5,6 +5,8 @@ A compiler that rewrites someone's model must show its work.  Subcommands::
     omnicache explain SPEC [--options JSON] [--steps N] [--json]
     omnicache dump SPEC --out DIR [--options JSON] [--steps N] [--render auto|dot|matplotlib|none]
     omnicache calibrate SPEC --options '{"policy": NAME}' [--out FILE] [--steps N] [--sampler M:F]
+    omnicache profile SPEC --out FILE [--method final|residual] [--options JSON] [--steps N] [--sampler M:F]
+    omnicache plan PROFILE [--target-speedup S] [--cache-interval N] [--out FILE]
     omnicache bench [--report-format markdown|text|json] [--report-out FILE] [bench/speed.py options]
 
 ``SPEC`` is ``module:callable`` (or ``path/to/file.py:callable``) naming a function that
@@ -33,6 +35,14 @@ timestep counted down linearly from the example's, Euler flow-matching updates o
 ``hidden_states``) or ``--sampler module:callable`` called as ``f(model, example_kwargs,
 steps)``.  A policy without calibration, or none registered, is a usage error (exit 2).
 Where the runtime exposes its derived schedule (``runtime.schedule``), it is printed.
+
+``profile`` and ``plan`` serve the ``layered`` policy (:mod:`omnicompile.layered`):
+``profile`` compiles SPEC with ``policy="layered"`` and measures, for every (block, step),
+the quality cost of reusing it (``--method final``: one generation per pair, the deviation
+of the final sample; ``residual``: the one-generation proxy), writes the profile JSON and
+prints the plan the options' ``target_speedup`` / ``cache_interval`` give; ``plan`` plans a
+schedule from a profile without the model (``--out`` writes it as schedule JSON).  Either
+file is then used as ``{"policy": "layered", "calibrate": FILE}``.
 
 ``bench`` runs ``bench/speed.py``'s ``main(argv)`` from the source checkout (found next to
 the installed package, in the current directory, or in ``$OMNICACHE_BENCH_DIR`` /
@@ -611,6 +621,84 @@ def cmd_calibrate(args, extra, progress: _Progress) -> int:
     return EXIT_OK
 
 
+# ============================================================================ layered: profile / plan
+
+
+def cmd_profile(args, extra, progress: _Progress) -> int:
+    import torch
+
+    from omnicompile import OmniCache
+    from omnicompile.errors import OmniCacheError
+    from omnicompile.layered import dag_from_json, plan_profile, plan_text, profile
+
+    opts = _parse_json_arg(args.options, "--options")
+    if opts.get("policy", "layered") != "layered":
+        raise UsageError(f"profile is for policy 'layered'; --options names policy {opts['policy']!r}")
+    opts.update(policy="layered", calibrate=None)
+    opts.setdefault("inner_backend", "eager")
+    try:
+        from omnicompile.config import OmniCacheConfig
+        config = OmniCacheConfig(**opts)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--options: {e}", e) from e
+    steps = _steps(args, config)
+    spec_kwargs = _parse_json_arg(args.spec_kwargs, "--spec-kwargs")
+    sampler = _resolve(args.sampler, "--sampler") if args.sampler else None
+    progress(f"loading {args.spec}")
+    model, ex = load_spec(args.spec, spec_kwargs)
+    with _no_env_dump_dir():
+        oc = OmniCache(config)
+    compiled = torch.compile(model, backend=oc, dynamic=False)
+
+    def generation():
+        return sampler(compiled, ex, steps) if sampler is not None else euler_sampler(compiled, ex, steps)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    progress(f"profiling ({args.method}) over {steps} steps (inner backend {config.inner_backend})")
+    t0 = time.perf_counter()
+    try:
+        profs = profile(oc, generation, str(out), method=args.method, progress=progress.enabled)
+    except OmniCacheError as e:
+        raise _Failure(f"profiling failed: {e}") from e
+    finally:
+        torch._dynamo.reset()
+    for prof in profs:
+        dag = dag_from_json(prof.dag)
+        extra_text = "".join(f", {m} proxy rank correlation {v:.2f}" for m, v in prof.correlation.items()
+                             if v is not None)
+        print(f"profile ({prof.method}) of {len(prof.units)} units x {prof.num_steps} steps in "
+              f"{time.perf_counter() - t0:.0f}s{extra_text}")
+        print(plan_text(plan_profile(prof, config.target_speedup, config.cache_interval, dag), dag))
+    print(f"wrote {out}; use it with --options '{{\"policy\": \"layered\", \"calibrate\": \"{out}\"}}'")
+    return EXIT_OK
+
+
+def cmd_plan(args, extra, progress: _Progress) -> int:
+    from omnicompile.errors import CalibrationError
+    from omnicompile.graphs.plan import PlanError
+    from omnicompile.layered import Profile, Schedule, dag_from_json, load_file, plan_profile, plan_text
+
+    if args.target_speedup < 1.0:
+        raise UsageError(f"--target-speedup {args.target_speedup}: must be >= 1.0")
+    if args.cache_interval < 1:
+        raise UsageError(f"--cache-interval {args.cache_interval}: must be an integer >= 1")
+    try:
+        prof = load_file(args.profile)
+        if not isinstance(prof, Profile):
+            raise UsageError(f"{args.profile} is a schedule, not a profile (plan needs a profile written by "
+                             f"`omnicache profile`)")
+        dag = dag_from_json(prof.dag)
+        plan = plan_profile(prof, args.target_speedup, args.cache_interval, dag)
+    except (CalibrationError, PlanError) as e:
+        raise UsageError(str(e), e) from e
+    print(plan_text(plan, dag))
+    if args.out:
+        Schedule.from_plan(plan, dag, prof.fingerprint, args.cache_interval, args.profile).save(args.out)
+        print(f"wrote {args.out}; use it with --options '{{\"policy\": \"layered\", \"calibrate\": \"{args.out}\"}}'")
+    return EXIT_OK
+
+
 # ============================================================================ bench
 
 
@@ -758,6 +846,27 @@ def _parser() -> argparse.ArgumentParser:
                     "steps); default: timestep counted down linearly from the example's, Euler flow-matching "
                     "updates of hidden_states")
     sp.set_defaults(func=cmd_calibrate)
+
+    sp = sub.add_parser("profile", parents=[shared], help="profile the (block, step) reuse costs for policy layered",
+                        description="Compile SPEC with policy layered and measure, for every (block, step), the "
+                        "quality cost of reusing that block at that step; write the profile JSON and print the plan.")
+    spec_args(sp, "omnicache options as JSON (or @file.json); policy is layered, target_speedup / cache_interval "
+              "shape the printed plan")
+    sp.add_argument("--out", required=True, metavar="FILE", help="where to write the profile JSON")
+    sp.add_argument("--method", choices=("final", "residual"), default="final",
+                    help="final: one generation per (block, step), deviation of the final sample (default); "
+                    "residual: one generation, the change of each block's residual (cheap proxy)")
+    sp.add_argument("--sampler", metavar="MODULE:CALLABLE", help="runs one generation and returns the final "
+                    "sample: f(model, example_kwargs, steps); default: the Euler flow sampler of calibrate")
+    sp.set_defaults(func=cmd_profile)
+
+    sp = sub.add_parser("plan", parents=[shared], help="plan a layered schedule from a profile (no model needed)",
+                        description="Run Algorithms 1-3 (proposal, refinement, coalescing) on a layered profile.")
+    sp.add_argument("profile", metavar="PROFILE", help="a profile JSON written by `omnicache profile`")
+    sp.add_argument("--target-speedup", type=float, default=2.0, help="target speedup s_r (default 2.0)")
+    sp.add_argument("--cache-interval", type=int, default=5, help="caching interval N (default 5)")
+    sp.add_argument("--out", metavar="FILE", help="write the schedule JSON here")
+    sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("bench", parents=[shared], allow_abbrev=False,
                         help="run bench/speed.py and print the omnicache reports",

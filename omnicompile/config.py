@@ -55,7 +55,8 @@ class OmniCacheConfig:
     #: trajectory-fast pick 0.5 / 0.6 when this is left at its default)
     budget: float = 0.4
     #: trajectory: "first" (calibrate on the first generation of each shape), a JSON path
-    #: written by oc.calibrate / `omnicache calibrate`, or None (only oc.calibrate(fn))
+    #: written by oc.calibrate / `omnicache calibrate`, or None (only oc.calibrate(fn));
+    #: layered: the same, the file being a profile or a schedule (omnicompile.layered)
     calibrate: Optional[str] = "first"
     #: trajectory: remove the predicted cache-induced noise gamma_s * q while reusing
     correction: bool = True
@@ -79,6 +80,12 @@ class OmniCacheConfig:
     align: bool = True
     #: probe: the alignment coefficient gamma is clipped to this range (DiCache: [1, 1.5])
     align_clip: tuple = (1.0, 1.5)
+    #: layered (OmniCache Layered Cache, Algorithm 1): target speedup s_r; (unit, step) pairs are
+    #: reused, lowest quality cost per saved FLOP first, until 1 - 1/s_r of a generation is saved
+    target_speedup: float = 2.0
+    #: layered: caching interval N of Algorithm 1 — no unit reuses more than N - 1 steps in a
+    #: row (the paper: N = 5 on SD3); 1 = never reuse
+    cache_interval: int = 5
 
     def __post_init__(self):
         from omnicompile.policies import POLICIES  # registry is filled at import time
@@ -130,6 +137,10 @@ class OmniCacheConfig:
                 or not 0 <= clip[0] <= clip[1]):
             raise ConfigError("align_clip", clip, "must be two numbers lo <= hi, lo >= 0 (DiCache: [1, 1.5])")
         object.__setattr__(self, "align_clip", (float(clip[0]), float(clip[1])))
+        _check_number("target_speedup", self.target_speedup, lo=1.0)
+        _check_type("cache_interval", self.cache_interval, int)
+        if self.cache_interval < 1:
+            raise ConfigError("cache_interval", self.cache_interval, "must be an integer >= 1")
         _check_choice("guard", self.guard, GUARDS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if self.dump_dir is not None:

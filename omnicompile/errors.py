@@ -1,7 +1,7 @@
 """Exception classes.  Each message says what was wrong and what is allowed."""
 from __future__ import annotations
 
-__all__ = ["OmniCacheError", "ConfigError", "RewriteError", "CalibrationError"]
+__all__ = ["OmniCacheError", "ConfigError", "RewriteError", "CalibrationError", "ScheduleError"]
 
 
 class OmniCacheError(Exception):
@@ -26,3 +26,7 @@ class RewriteError(OmniCacheError):
 
 class CalibrationError(OmniCacheError, ValueError):
     """A calibration file is malformed or does not match the model / run it is used for."""
+
+
+class ScheduleError(CalibrationError):
+    """A layered profile or schedule (JSON) is malformed or does not fit the graph it is used for."""
