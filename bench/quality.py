@@ -2,11 +2,11 @@
 
     python bench/quality.py                         # the default grid (under 20 min on 2 CPU cores)
     python bench/quality.py --quick                 # a few minutes: one setting per family, 14 steps
-    python bench/quality.py --methods baselines,probe,diffusers-fbc --repeats 3
+    python bench/quality.py --methods probe,diffusers-fbc --samples-per-class 2 --repeats 6
     python bench/quality.py --list                  # the method groups and families
 
-One run measures everything on the same model, seeds and labels (default: 2 samples per digit =
-20 images, 28 steps, classifier-free guidance at the reference's default scale, **batched CFG**:
+One run measures everything on the same model, seeds and labels (default: one sample per digit =
+10 images, 28 steps, classifier-free guidance at the reference's default scale, **batched CFG**:
 the unconditional and conditional halves in one call per step, the only form every peer supports;
 ``--cfg split`` runs FluxPipeline's two calls per step, where PyramidAttentionBroadcast and
 FasterCache are recorded as not applicable).
@@ -17,9 +17,15 @@ Methods (``--list`` prints the families):
   images are *the* reference: PSNR and SSIM are measured against them.
 * omnicompile (``torch.compile(..., backend=OmniCache(...), fullgraph=True)``): ``static`` interval 2
   and 3; ``probe`` (DiCache) over thresholds; ``probe`` with ``align=False, probe_depth=1``
-  (First-Block-Cache); ``trajectory`` at three budgets with and without noise correction; a
-  *late-only* schedule (``static`` with explicit ``reuse_steps`` packed into the end of sampling,
-  never two in a row) with as many reused steps as the trajectory schedule of the same budget.
+  (First-Block-Cache); ``trajectory`` at four budgets (0.5 and 0.6 are the presets
+  ``trajectory-slow`` / ``-fast``: runs of up to two reuses) with and without noise correction,
+  and with the correction restricted to a low / high frequency band; a *late-only* schedule
+  (explicit ``reuse_steps`` packed into the end of sampling, never two in a row) with as many
+  reused steps as the trajectory schedule of the same budget, plain (``static``) and corrected
+  (``trajectory`` with that explicit schedule);
+  ``layered`` (OmniCache's Layered Cache) at target speedups 1.5, 2, 2.5, 3 from the shipped
+  profile ``bench/profiles/layered_reference_28.json`` (``bench/profile_layered.py``), caching
+  interval 5.
 * peers (``bench/peers.py``): diffusers' FirstBlockCache, TaylorSeerCache (default and lite),
   MagCache (with its calibration run), FasterCache, PyramidAttentionBroadcast, and cache-dit's
   DBCache with and without its TaylorSeer calibrator, each over several settings, under
@@ -29,12 +35,13 @@ Methods (``--list`` prints the families):
 Protocol, per method: a fresh copy of the transformer (``copy.deepcopy``), a fresh Dynamo cache
 (``torch._dynamo.reset()``), then the *prepare* runs (compilation, calibration, warm-up: timed and
 reported separately), then ``--repeats`` timed generations of the whole batch, each pair of them
-separated by one generation of the compiled baseline (M B M B M for 3 repeats); the speedup against
+separated by one generation of the compiled baseline (M B M B M B M for 4 repeats); the speedup against
 the compiled baseline is the ratio of the medians of those interleaved runs.  The compiled baseline
 lives in a worker process (so the per-method Dynamo resets of this process never touch it),
 compiled once; while one process generates the other waits.  This pairing matters on a shared
 machine: load from other jobs changes generation times by ±30% over minutes, far more than the
-differences being measured.  The eager baseline is timed against the compiled one (E B pairs) at
+differences being measured, and bursts last seconds, which is why the default times many short
+generations (10 images, 4 repeats) rather than a few long ones.  The eager baseline is timed against the compiled one (E B pairs) at
 the start and at the end; speedups against eager are the paired ratio times the eager/compiled
 ratio.
 
@@ -57,7 +64,6 @@ import contextlib
 import copy
 import datetime
 import gc
-import io
 import json
 import logging
 import math
@@ -100,12 +106,16 @@ OMNI_FAMILIES = {
     "trajectory": "omnicompile trajectory",
     "trajectory-nocorr": "omnicompile trajectory, no correction",
     "late-only": "omnicompile late-only schedule",
+    "late-only-corr": "omnicompile late-only schedule, corrected",
+    "trajectory-band": "omnicompile trajectory, band-limited correction",
+    "layered": "omnicompile layered (per block and step)",
     "overhead": "omnicompile probe, never reuse (overhead)",
 }
 
 GROUPS = {
     "baselines": ["eager", "compiled"],
-    "omnicompile": ["static", "probe", "probe-fbc", "overhead", "trajectory", "trajectory-nocorr", "late-only"],
+    "omnicompile": ["static", "probe", "probe-fbc", "overhead", "trajectory", "trajectory-nocorr", "late-only",
+                    "late-only-corr", "trajectory-band", "layered"],
     "peers": ["peers-compiled", "peers-eager"],
 }
 
@@ -163,16 +173,37 @@ def omni_settings(args) -> list[MethodSpec]:
         s.append(MethodSpec("probe t=1e-6 (never reuses)", fam("overhead"), "omnicompile", True,
                             dict(policy="probe", threshold=1e-6, num_steps=args.steps)))
     for b in args.budgets:
+        # single reuses cap a 28-step run at 13 reused steps (b ~ 0.46): above, runs of two
+        run = 1 if b <= 0.45 else 2
+        tag = "" if run == 1 else f" run<={run}"
         if "trajectory" in fams:
-            s.append(MethodSpec(f"trajectory b={b:g}", fam("trajectory"), "omnicompile", True,
-                                dict(policy="trajectory", budget=b, correction=True)))
+            s.append(MethodSpec(f"trajectory b={b:g}{tag}", fam("trajectory"), "omnicompile", True,
+                                dict(policy="trajectory", budget=b, max_run=run, correction=True)))
         if "trajectory-nocorr" in fams:
-            s.append(MethodSpec(f"trajectory b={b:g} no-corr", fam("trajectory-nocorr"), "omnicompile", True,
-                                dict(policy="trajectory", budget=b, correction=False)))
-    if "late-only" in fams:
-        for b in args.late_budgets:
-            s.append(MethodSpec(f"late-only b={b:g}", fam("late-only"), "omnicompile", True,
-                                dict(policy="static", late_budget=b)))
+            s.append(MethodSpec(f"trajectory b={b:g}{tag} no-corr", fam("trajectory-nocorr"), "omnicompile", True,
+                                dict(policy="trajectory", budget=b, max_run=run, correction=False)))
+    if "trajectory-band" in fams:
+        for band in args.bands:
+            s.append(MethodSpec(f"trajectory b=0.5 run<=2 band {band[0]:g}-{band[1]:g}", fam("trajectory-band"),
+                                "omnicompile", True, dict(policy="trajectory", budget=0.5, max_run=2,
+                                                          correction_band=tuple(band))))
+    for key, policy in (("late-only", "static"), ("late-only-corr", "trajectory")):
+        if key in fams:
+            for b in args.late_budgets:
+                s.append(MethodSpec(f"{key} b={b:g}", fam(key), "omnicompile", True,
+                                    dict(policy=policy, late_budget=b)))
+    if "layered" in fams:
+        prof = Path(args.layered_profile)
+        try:
+            prof_steps = json.loads(prof.read_text()).get("num_steps")
+        except (OSError, ValueError):
+            prof_steps = None
+        # a profile is for one step count; otherwise the one-generation proxy ("first")
+        cal, tag = (str(prof), "") if prof_steps == args.steps else ("first", " (proxy)")
+        for sr in args.layered_targets:
+            s.append(MethodSpec(f"layered s_r={sr:g}{tag}", fam("layered"), "omnicompile", True,
+                                dict(policy="layered", calibrate=cal, target_speedup=sr,
+                                     cache_interval=args.layered_interval)))
     return s
 
 
@@ -448,7 +479,9 @@ class Harness:
             row["flops_count_s"] = time.perf_counter() - t_f
             t_start += row["flops_count_s"]
             # prepare: compile / calibrate / warm up
-            warmups = a.warmup + (1 if spec.setting.get("policy", "").startswith("trajectory") else 0)
+            learns = (spec.setting.get("policy", "").startswith("trajectory")
+                      or spec.setting.get("calibrate") == "first")
+            warmups = a.warmup + (1 if learns else 0)
             with prep.compile_ctx():
                 for _ in range(warmups):
                     prep.reset()
@@ -485,6 +518,7 @@ class Harness:
         row["min_s"] = min(times)
         row["baseline_compiled_times_s"] = base
         row["speedup_vs_compiled"] = statistics.median(base) / row["median_s"]
+        row["speedup_vs_compiled_min"] = min(base) / row["min_s"]   # ratio of the fastest runs
         row["t_end"] = time.perf_counter()
         row["deterministic"] = all(bool(torch.equal(images[0], im)) for im in images[1:])
         if spec.compiled:
@@ -494,8 +528,8 @@ class Harness:
         if spec.kind == "omnicompile":
             self._omni_facts(spec, prep, row)
         elif flops is not None:
-            base = self.memo.get(("flops", "uncached"))
-            row["flops_ratio"] = flops / base if base else None
+            base_flops = self.memo.get(("flops", "uncached"))
+            row["flops_ratio"] = flops / base_flops if base_flops else None
             row["flops_source"] = "flop_counter (eager)"
         if prep.applied is not None:
             row["peer_stats"] = prep.applied.stats()
@@ -761,12 +795,13 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma list of groups / families (the baselines always run); see --list")
     p.add_argument("--list", action="store_true", help="print the methods the other flags select, and exit")
-    p.add_argument("--samples-per-class", type=int, default=2)
+    p.add_argument("--samples-per-class", type=int, default=1)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the reference's)")
     p.add_argument("--cfg", choices=("batched", "split"), default="batched")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3, help="timed generations per method (median)")
+    p.add_argument("--repeats", type=int, default=4,
+                   help="timed generations per method (median), with repeats-1 compiled-baseline runs in between")
     p.add_argument("--warmup", type=int, default=1, help="untimed generations per method (+1 for trajectory)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine 2 threads oversubscribe "
@@ -776,26 +811,50 @@ def parse_args(argv=None):
     p.add_argument("--probe-thresholds", type=floats, default=[0.07, 0.2, 0.4, 0.8])
     p.add_argument("--fbc-thresholds", type=floats, default=[0.2])
     p.add_argument("--static-intervals", type=ints, default=[2, 3])
-    p.add_argument("--budgets", type=floats, default=[0.3, 0.45, 0.6])
+    p.add_argument("--budgets", type=floats, default=[0.3, 0.45, 0.5, 0.6],
+                   help="trajectory budgets (above 0.45: runs of two reuses, max_run=2)")
     p.add_argument("--late-budgets", type=floats, default=[0.3, 0.45])
+    p.add_argument("--bands", type=lambda t: [tuple(floats(b.replace("-", ","))) for b in t.split(";") if b.strip()],
+                   default=[(0.0, 0.5), (0.5, 1.0)],
+                   help="correction bands of the trajectory-band rows, 'lo-hi;lo-hi' (fractions of the highest "
+                        "spatial frequency of the 8x8 token grid)")
+    p.add_argument("--layered-targets", type=floats, default=[1.5, 2.0, 2.5, 3.0],
+                   help="target speedups s_r of the layered policy")
+    p.add_argument("--layered-interval", type=int, default=5, help="the layered policy's caching interval N")
+    p.add_argument("--layered-profile", default=str(ROOT / "bench" / "profiles" / "layered_reference_28.json"),
+                   help="layered profile JSON (bench/profile_layered.py writes it; its step count must "
+                        "equal --steps)")
     p.add_argument("--max-settings", type=int, default=None,
                    help="at most N settings per family (evenly spaced; 1 = the middle one)")
     p.add_argument("--quick", action="store_true",
-                   help="a few minutes: 1 sample per class, 14 steps, 1 repeat, one setting per family")
+                   help="a few minutes: 1 sample per class, 14 steps, 2 repeats, one setting per family")
     p.add_argument("--json", default=str(OUT_DIR / "quality.json"))
-    p.add_argument("--plot", default=str(PARETO_PNG), help="Pareto PNG path ('' to skip)")
-    p.add_argument("--results-md", default=str(RESULTS_MD), help="RESULTS.md to update ('' to skip)")
+    p.add_argument("--plot", default=None,
+                   help=f"Pareto PNG path ('' to skip; default: {PARETO_PNG.relative_to(ROOT)} for the default "
+                        f"grid, else {(OUT_DIR / 'quality_pareto.png').relative_to(ROOT)})")
+    p.add_argument("--results-md", default=None,
+                   help=f"RESULTS.md to update ('' to skip; default: {RESULTS_MD.relative_to(ROOT)} for the "
+                        "default grid only, so a partial run never overwrites the recorded results)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="do not run: rebuild the table, plot and RESULTS.md block from a saved JSON")
     args = p.parse_args(argv)
+    keys = ("methods", "samples_per_class", "steps", "guidance", "cfg", "seed", "repeats", "warmup", "threads",
+            "inner_backend", "probe_thresholds", "fbc_thresholds", "static_intervals", "budgets", "late_budgets", "bands",
+            "layered_targets", "layered_interval", "layered_profile", "max_settings", "quick")
+    default_grid = all(getattr(args, k) == p.get_default(k) for k in keys)
+    if args.plot is None:
+        args.plot = str(PARETO_PNG if default_grid else OUT_DIR / "quality_pareto.png")
+    if args.results_md is None:
+        args.results_md = str(RESULTS_MD) if default_grid else ""
     if args.quick:
-        args.samples_per_class, args.steps, args.repeats = 1, 14, 1
+        args.samples_per_class, args.steps, args.repeats = 1, 14, 2
         args.probe_thresholds, args.budgets, args.late_budgets = [0.4], [0.45], [0.45]
         args.static_intervals = [2]
         args.max_settings = args.max_settings or 1
     if args.max_settings:
-        for name in ("probe_thresholds", "fbc_thresholds", "static_intervals", "budgets", "late_budgets"):
+        for name in ("probe_thresholds", "fbc_thresholds", "static_intervals", "budgets", "late_budgets",
+                     "layered_targets"):
             setattr(args, name, pick(getattr(args, name), args.max_settings))
     fams: set[str] = {"eager", "compiled"}
     for item in [x.strip() for x in args.methods.split(",") if x.strip()]:
@@ -944,7 +1003,8 @@ def results_block(result: dict, text: str, na: str, nt: str = "") -> str:
     v = i["versions"]
     bt = i.get("compiled_baseline_times_s") or []
     drift_txt = (f"the compiled baseline's {len(bt)} interleaved generations took {min(bt):.2f}–{max(bt):.2f} s "
-                 f"(median {statistics.median(bt):.2f} s): the load from other jobs that the pairing cancels"
+                 f"(median {statistics.median(bt):.2f} s) — that spread is load from other jobs, which the "
+                 f"pairing cancels to first order"
                  if bt else "")
     cmd = "python bench/quality.py" + ("" if c["methods"] == DEFAULT_METHODS else f" --methods {c['methods']}")
     return "\n".join([

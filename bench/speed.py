@@ -3,9 +3,12 @@
 One run measures every method side by side on the same model and inputs: a diffusers
 ``FluxTransformer2DModel`` with random weights, driven by a ``FlowMatchEulerDiscreteScheduler``
 loop.  Methods: eager, Inductor, omnicache ``none``, omnicache ``static interval=2`` with
-both guard forms (host-chosen variants, in-graph torch.cond).  Each method is compiled and
-warmed up once, then the repeats are interleaved across methods (so drift in machine load
-hits all of them alike) and the median is reported, with the ideal speedup implied by the
+both guard forms (host-chosen variants, in-graph torch.cond); on request (``--methods``)
+``probe``, ``trajectory`` and its presets ``trajectory-slow`` / ``trajectory-fast``.  Each
+method is compiled and warmed up once (Dynamo's cache is reset once, at the start, never
+between methods, so no method recompiles later), one untimed round runs in the timed order,
+then the repeats are interleaved across methods (so drift in machine load hits all of them
+alike) and the median is reported, with the ideal speedup implied by the
 skipped FLOPs (from the report's cost model).
 
     python bench/speed.py                 # the default size (minutes on 2 CPU cores)
@@ -64,7 +67,9 @@ def main(argv=None):
     p.add_argument("--text", type=int, default=32)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine more threads oversubscribe "
+                        "and timings become noise; 0: torch's default)")
     p.add_argument("--small", action="store_true", help="a quick configuration")
     p.add_argument("--methods", default="eager,inductor,none,static-variants,static-cond")
     p.add_argument("--probe-threshold", type=float, default=0.4)
@@ -87,6 +92,8 @@ def main(argv=None):
         "static-cond": lambda: _oc(model, guard="cond", **static),
         # the first (warm-up) run of trajectory is its calibration generation
         "trajectory": lambda: _oc(model, policy="trajectory", budget=0.45),
+        "trajectory-slow": lambda: _oc(model, policy="trajectory-slow"),
+        "trajectory-fast": lambda: _oc(model, policy="trajectory-fast"),
         "probe": lambda: _oc(model, policy="probe", threshold=args.probe_threshold, num_steps=args.steps),
     }
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -94,8 +101,14 @@ def main(argv=None):
         if m not in makers:
             p.error(f"--methods: unknown method {m!r}; choose from {', '.join(makers)}")
     fns, ocs, compile_s, outs = {}, {}, {}, {}
+    # no torch._dynamo.reset() between methods: it would drop the code compiled for the earlier
+    # ones, and their first timed repeat would recompile.  Every method keeps its own cache entry
+    # (guarded by its backend), so the cache limit must hold them all.
+    torch._dynamo.reset()
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * len(methods)))
     for m in methods:
-        torch._dynamo.reset()
         fn, oc = makers[m]()
         t0 = time.perf_counter()
         outs[m] = sample(fn, kw, x0, args.steps)       # compile + warm-up
@@ -103,14 +116,16 @@ def main(argv=None):
         fns[m], ocs[m] = fn, oc
         print(f"[speed] {m}: first run (compile + warm-up) {compile_s[m]:.1f}s", file=sys.stderr, flush=True)
     times = {m: [] for m in methods}
-    for r in range(args.repeats):
+    for r in range(-1, args.repeats):          # r = -1: one untimed round, in the timed order
         for m in methods:
             if ocs[m] is not None:
                 ocs[m].reset()
             t0 = time.perf_counter()
             sample(fns[m], kw, x0, args.steps)
-            times[m].append(time.perf_counter() - t0)
-        print(f"[speed] repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+            if r >= 0:
+                times[m].append(time.perf_counter() - t0)
+        if r >= 0:
+            print(f"[speed] repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     base = "inductor" if "inductor" in methods else methods[0]
     med = {m: statistics.median(v) for m, v in times.items()}
     rows = []

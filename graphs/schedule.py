@@ -13,8 +13,9 @@ A step with low curvature continues the previous step's direction: reusing the p
 step's features there costs least.
 
 *Selection* (:func:`select_reuse_steps`): under a global budget (a fraction of all steps),
-pick the lowest-curvature steps with at least ``min_gap`` steps between two reuses (so every
-reuse follows a freshly computed step), never in the protected warm-up and final steps, and
+pick the lowest-curvature steps — runs of at most ``max_run`` consecutive reuses, at least
+``min_gap`` steps between two runs (the default ``max_run=1, min_gap=2``: every reuse follows a
+freshly computed step) — chosen by a dynamic program, never in the protected warm-up and final steps, and
 with the budget allocated across phases of sampling (``phase_weights``: early, middle, late
 thirds; the paper spreads reuse over early and middle sampling, where the denoiser can
 still correct errors, instead of the late-only reuse similarity triggers produce).
@@ -54,48 +55,130 @@ def _phase(s: int, n: int) -> int:
     return min(2, (3 * s) // n)
 
 
+def _pack(scores: Sequence[float], ok: Sequence[bool], lo: int, hi: int, phase_of, targets: Optional[Sequence[int]],
+          max_run: Optional[int], gap_need: int, kmax: int):
+    """Dynamic program over steps ``lo..hi-1``: the cheapest (sum of scores) set of picks on
+    ``ok`` steps where runs of consecutive picks are at most ``max_run`` long (None: any)
+    and two runs are separated by at least ``gap_need`` unpicked steps.
+
+    With ``targets``, phase ``p`` gets exactly ``targets[p]`` picks; returns the picks or None
+    when that is infeasible.  Without, returns ``{k: (cost, picks)}`` for every reachable
+    count ``k <= kmax``.  Ties go to the earlier steps (lexicographically smallest picks)."""
+    r_cap = max_run if max_run is not None else 1
+    # state: (run length so far (0 = last step unpicked), unpicked steps since the last run
+    # (capped at gap_need), picks in the current phase) -> (cost, picks)
+    states = {(0, gap_need, 0): (0.0, ())}
+    for i in range(lo, hi):
+        if targets is not None and i > lo and phase_of(i) != phase_of(i - 1):
+            want = targets[phase_of(i - 1)]
+            states = {(r, g, 0): v for (r, g, c), v in states.items() if c == want}
+        cap = targets[phase_of(i)] if targets is not None else kmax
+        new: dict = {}
+
+        def relax(key, val):
+            old = new.get(key)
+            if old is None or val < old:
+                new[key] = val
+
+        for (r, g, c), (cost, picks) in states.items():
+            relax((0, 1 if r > 0 else min(g + 1, gap_need), c), (cost, picks))
+            if ok[i] and c < cap:
+                if r > 0 and (max_run is None or r < max_run):
+                    relax((min(r + 1, r_cap), 0, c + 1), (cost + scores[i], picks + (i,)))
+                elif r == 0 and g >= gap_need:
+                    relax((1, 0, c + 1), (cost + scores[i], picks + (i,)))
+        states = new
+    if targets is not None:
+        want = targets[phase_of(hi - 1)] if hi > lo else 0
+        best = min((v for (r, g, c), v in states.items() if c == want), default=None)
+        return None if best is None else list(best[1])
+    by_k: dict = {}
+    for (r, g, c), v in states.items():
+        if c not in by_k or v < by_k[c]:
+            by_k[c] = v
+    return by_k
+
+
 def select_reuse_steps(scores: Sequence[float], budget: float, min_gap: int = 2, warmup: int = 2,
-                       cooldown: int = 1, phase_weights: Sequence[float] = DEFAULT_PHASE_WEIGHTS) -> list[int]:
+                       cooldown: int = 1, phase_weights: Sequence[float] = DEFAULT_PHASE_WEIGHTS,
+                       max_run: Optional[int] = 1) -> list[int]:
     """Steps to reuse, ascending.
 
     Invariants (tested with hypothesis): at most ``floor(budget * n)`` steps; none among the
-    first ``warmup`` or the last ``cooldown``; any two chosen steps at least ``min_gap``
-    apart (``min_gap=2``: never two reuses in a row); never a step whose score is not finite.
-    Each phase gets ``round(weight * quota)`` (leftovers flow to the other phases, lowest
-    score first); inside a phase the lowest scores win (ties: earlier step first).
+    first ``warmup`` or the last ``cooldown``; never a step whose score is not finite; runs of
+    consecutive reused steps at most ``max_run`` long (None: unbounded); two runs at least
+    ``min_gap`` apart (last step of one to first of the next; ``min_gap=2, max_run=1``: never two
+    reuses in a row, every reuse follows a computed step).
+
+    The quota is split over the early / middle / late thirds by ``phase_weights`` (largest
+    remainder); a phase that cannot hold its share (too few eligible steps under the gap and
+    run rules) passes the rest to the phase where one more reuse costs least.  Then a dynamic
+    program picks, per phase, exactly its share with the lowest total score — packing steps
+    tightly where a greedy choice would strand quota between its picks.  Ties: earlier steps.
     """
     n = len(scores)
     if not 0.0 <= budget < 1.0:
         raise ValueError(f"budget must be in [0, 1), got {budget}")
     if min_gap < 1:
         raise ValueError(f"min_gap must be >= 1, got {min_gap}")
+    if max_run is not None and max_run < 1:
+        raise ValueError(f"max_run must be >= 1 or None, got {max_run}")
     quota = int(math.floor(budget * n + 1e-9))
-    eligible = [s for s in range(warmup, n - cooldown) if math.isfinite(scores[s])]
-    if quota <= 0 or not eligible:
+    ok = [warmup <= s < n - cooldown and math.isfinite(scores[s]) for s in range(n)]
+    if quota <= 0 or not any(ok):
         return []
-    w = list(phase_weights) + [0.0] * (3 - len(phase_weights))
-    total_w = sum(w) or 1.0
-    per_phase = [int(round(quota * wi / total_w)) for wi in w[:3]]
-    chosen: list[int] = []
-
-    def ok(s: int) -> bool:
-        return all(abs(s - c) >= min_gap for c in chosen)
-
+    gap_need = min_gap - 1
+    phase_of = lambda s: _phase(s, n)
+    # per phase alone: the cheapest cost of k picks, for every feasible k
+    bounds = []
     for ph in range(3):
-        cands = sorted((s for s in eligible if _phase(s, n) == ph), key=lambda s: (scores[s], s))
-        take = per_phase[ph]
-        for s in cands:
-            if take <= 0 or len(chosen) >= quota:
-                break
-            if ok(s):
-                chosen.append(s)
-                take -= 1
-    for s in sorted(eligible, key=lambda s: (scores[s], s)):   # leftovers
-        if len(chosen) >= quota:
+        steps = [s for s in range(n) if _phase(s, n) == ph]
+        bounds.append((steps[0], steps[-1] + 1) if steps else (0, 0))
+    curves = [_pack(scores, ok, lo, hi, phase_of, None, max_run, gap_need, quota) if hi > lo else {0: (0.0, ())}
+              for lo, hi in bounds]
+    caps = [max(c) for c in curves]
+    w = [max(0.0, float(x)) for x in list(phase_weights)[:3]] + [0.0] * max(0, 3 - len(phase_weights))
+    total_w = sum(w)
+    if total_w > 0:
+        raw = [quota * wi / total_w for wi in w]
+        targets = [int(math.floor(x)) for x in raw]
+        for ph in sorted(range(3), key=lambda p: (-(raw[p] - targets[p]), p))[:quota - sum(targets)]:
+            targets[ph] += 1
+    else:
+        targets = [0, 0, 0]
+    targets = [min(t, c) for t, c in zip(targets, caps)]
+
+    def marginal(ph):
+        t = targets[ph]
+        return curves[ph][t + 1][0] - curves[ph][t][0]
+
+    while sum(targets) < quota:
+        room = [ph for ph in range(3) if targets[ph] < caps[ph]]
+        if not room:
             break
-        if s not in chosen and ok(s):
-            chosen.append(s)
-    return sorted(chosen)
+        targets[min(room, key=lambda ph: (marginal(ph), ph))] += 1
+    while True:   # the phases' edges can make the joint problem tighter than each phase alone
+        picks = _pack(scores, ok, 0, n, phase_of, targets, max_run, gap_need, quota)
+        if picks is not None:
+            return picks
+        # move one reuse to another phase (cheapest feasible move), else give one up
+        best = None
+        for a in range(3):
+            for b in range(3):
+                if a != b and targets[a] > 0 and targets[b] < caps[b]:
+                    t = list(targets)
+                    t[a] -= 1
+                    t[b] += 1
+                    got = _pack(scores, ok, 0, n, phase_of, t, max_run, gap_need, quota)
+                    if got is not None:
+                        key = (sum(scores[i] for i in got), got)
+                        if best is None or key < best[0]:
+                            best = (key, got)
+        if best is not None:
+            return best[1]
+        ph = max((p for p in range(3) if targets[p] > 0),
+                 key=lambda p: (curves[p][targets[p]][0] - curves[p][targets[p] - 1][0], p))
+        targets[ph] -= 1
 
 
 def fit_gamma(dots: Sequence[float], sq_norms: Sequence[float], lo: float = 0.0, hi: float = 1.5) -> list[Optional[float]]:

@@ -63,8 +63,17 @@ class OmniCacheConfig:
     #: trajectory: curvature score, "angle" (between consecutive latent displacements) or
     #: "output" (relative change of the model output)
     curvature: str = "angle"
-    #: trajectory: minimum distance between two reuse steps (2: never two in a row)
+    #: trajectory: minimum distance between two runs of reused steps (last of one to first of
+    #: the next; 2 with max_run=1: never two reuses in a row)
     min_gap: int = 2
+    #: trajectory: longest run of consecutive reused steps (None: unbounded); in a run the
+    #: correction chains the predicted noise (sum over k of prod gamma); the presets
+    #: trajectory-slow / -fast pick 2 when this is left at its default
+    max_run: Optional[int] = 1
+    #: trajectory: restrict the noise correction to a band of spatial frequencies of the
+    #: output's token grid: (lo, hi) as fractions of the highest frequency, e.g. (0, 0.5) =
+    #: low frequencies only; None = the whole correction
+    correction_band: Optional[tuple] = None
     #: probe (DiCache): reuse while the accumulated error stays below this (DiCache's
     #: Flux default for error="delta_y")
     threshold: float = 0.4
@@ -123,6 +132,18 @@ class OmniCacheConfig:
         _check_type("min_gap", self.min_gap, int)
         if self.min_gap < 1:
             raise ConfigError("min_gap", self.min_gap, "must be an integer >= 1")
+        if self.max_run is not None:
+            _check_type("max_run", self.max_run, int)
+            if self.max_run < 1:
+                raise ConfigError("max_run", self.max_run, "must be an integer >= 1 or None (unbounded)")
+        if self.correction_band is not None:
+            band = self.correction_band
+            if (not isinstance(band, (tuple, list)) or len(band) != 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in band)
+                    or not 0 <= band[0] < band[1] <= 1):
+                raise ConfigError("correction_band", band, "must be None or two numbers lo < hi in [0, 1] "
+                                  "(fractions of the highest spatial frequency, e.g. (0, 0.5))")
+            object.__setattr__(self, "correction_band", (float(band[0]), float(band[1])))
         _check_number("threshold", self.threshold, lo=0.0, lo_open=True)
         _check_type("probe_depth", self.probe_depth, int)
         if self.probe_depth < 1:
@@ -178,6 +199,8 @@ class OmniCacheConfig:
         if d["reuse_steps"] is not None:
             d["reuse_steps"] = list(d["reuse_steps"])
         d["align_clip"] = list(d["align_clip"])
+        if d["correction_band"] is not None:
+            d["correction_band"] = list(d["correction_band"])
         return d
 
 

@@ -8,14 +8,24 @@
    generation of each input shape automatically; ``oc.calibrate(fn)`` runs ``fn`` (one
    generation) as the calibration; a JSON path loads a saved calibration.
 2. **Schedule** — :func:`omnicompile.graphs.schedule.select_reuse_steps` over the chosen
-   curvature score (``curvature="angle"`` or ``"output"``), under ``budget`` with
-   ``min_gap``, warm-up and final steps protected and the budget spread over early and
-   middle sampling.  Runs of 8 steps or fewer disable reuse (the report says so).  The
-   schedule is known before a generation starts: no host sync per step.
+   curvature score (``curvature="angle"`` or ``"output"``), under ``budget``, a dynamic
+   program packing runs of at most ``max_run`` consecutive reuses at least ``min_gap`` apart,
+   warm-up and final steps protected and the budget spread over early and middle sampling.
+   ``reuse_steps`` replaces the selection by an explicit schedule (still corrected).  Runs of
+   8 steps or fewer disable reuse (the report says so).  The schedule is known before a
+   generation starts: no host sync per step.  Presets: ``trajectory-slow`` (budget 0.5) and
+   ``trajectory-fast`` (0.6), both with runs of up to two reuses (single reuses cap a
+   28-step run at 13 reused steps).
 3. **Correction** — on a computed step followed by a reuse, the measure variant also
-   returns ``q``; the reuse step returns ``out - gamma_s q`` with ``gamma_s`` fitted per step
-   from the calibration run (least squares of ``q_s ≈ gamma_s q_{s-1}``; steps without a
-   fit use the median of the fitted values).  ``correction=False`` reuses plainly.
+   returns ``q``; the reuse step returns ``out - c q`` with, at the ``k``-th step of a run
+   starting at ``s``, ``c = sum_{j=1..k} prod_{i<j+1} gamma_{s+i-1}`` (the residual is ``k``
+   steps stale; each step adds the previous one's noise scaled by its gamma) — ``c = gamma_s``
+   for a single reuse.  ``gamma_s`` is fitted per step from the calibration run (least
+   squares of ``q_s ≈ gamma_s q_{s-1}``; steps without a fit use the median of the fitted
+   values).  ``correction_band=(lo, hi)`` keeps only those spatial frequencies of ``q``
+   (:class:`~omnicompile.passes.correct.BandFilter` on the output's grid: ``(B, C, H, W)``
+   or a square token grid ``(B, N, C)``; an output without one is reported, and the whole
+   correction applies).  ``correction=False`` reuses plainly.
 
 Calibration files are JSON (never pickle), keyed by a fingerprint of the graph (op
 sequence, input shapes and dtypes), the step count, the input shape and the number of
@@ -38,7 +48,7 @@ import torch.fx as fx
 from omnicompile.errors import CalibrationError, ConfigError
 from omnicompile.graphs.schedule import angle_scores, fit_gamma, output_change_scores, select_reuse_steps
 from omnicompile.passes.common import Reason, is_param_placeholder, node_signature
-from omnicompile.passes.correct import build_corrected_reuse, build_measure_variant, float_outputs
+from omnicompile.passes.correct import BandFilter, build_corrected_reuse, build_measure_variant, float_outputs
 from omnicompile.passes.rewrite import build_variant
 from omnicompile.policies import Policy, register_policy
 from omnicompile.report import StepRecord
@@ -195,7 +205,8 @@ class _Recorder:
 class TrajectoryPolicy(Policy):
     """Trajectory-guided global reuse (see the module docstring)."""
 
-    default_budget: Optional[float] = None   # presets set this
+    default_budget: Optional[float] = None   # presets set these
+    default_max_run: Optional[int] = None
     calibratable = True
 
     @classmethod
@@ -214,13 +225,22 @@ class TrajectoryPolicy(Policy):
             return self.default_budget
         return c.budget
 
+    @property
+    def max_run(self) -> Optional[int]:
+        c = self.config
+        if self.default_max_run is not None and c.max_run == c.__dataclass_fields__["max_run"].default:
+            return self.default_max_run
+        return c.max_run
+
     def schedule(self, cal: Calibration) -> tuple[list[int], Optional[Reason]]:
         n = cal.num_steps
         if n <= MIN_STEPS:
             return [], Reason("few_steps", f"{n} steps: runs of {MIN_STEPS} steps or fewer are not cached")
         c = self.config
+        if c.reuse_steps is not None:       # an explicit schedule, corrected with the calibrated gammas
+            return [s for s in c.reuse_steps if 1 <= s < n], None
         steps = select_reuse_steps(cal.scores(c.curvature), self.budget, min_gap=c.min_gap,
-                                   warmup=c.warmup, cooldown=max(1, c.cooldown))
+                                   warmup=c.warmup, cooldown=max(1, c.cooldown), max_run=self.max_run)
         return steps, None
 
     def decide(self, step, num_steps, n_spans):
@@ -228,20 +248,27 @@ class TrajectoryPolicy(Policy):
 
     def describe(self):
         c = self.config
-        return {"policy": self.name, "budget": self.budget, "curvature": c.curvature, "min_gap": c.min_gap,
-                "correction": c.correction, "calibrate": c.calibrate}
+        d = {"policy": self.name, "budget": self.budget, "curvature": c.curvature, "min_gap": c.min_gap,
+             "max_run": self.max_run, "correction": c.correction, "calibrate": c.calibrate}
+        if c.correction_band is not None:
+            d["correction_band"] = list(c.correction_band)
+        if c.reuse_steps is not None:
+            d["reuse_steps"] = list(c.reuse_steps)
+        return d
 
 
 @register_policy("trajectory-slow")
 class TrajectorySlow(TrajectoryPolicy):
-    """Preset: about 2x on the whole-stack span (budget 0.5)."""
+    """Preset: about 2x on the whole-stack span (budget 0.5, runs of up to 2 reuses)."""
     default_budget = 0.5
+    default_max_run = 2
 
 
 @register_policy("trajectory-fast")
 class TrajectoryFast(TrajectoryPolicy):
-    """Preset: about 2.5x on the whole-stack span (budget 0.6)."""
+    """Preset: about 2.5x on the whole-stack span (budget 0.6, runs of up to 2 reuses)."""
     default_budget = 0.6
+    default_max_run = 2
 
 
 class TrajectoryRuntime(_RuntimeBase):
@@ -279,6 +306,15 @@ class TrajectoryRuntime(_RuntimeBase):
                                 device=self.device) for i in self.out_float]
             self._fn_corrected = self._compile("reuse_corrected", build_corrected_reuse(gm, self.spans),
                                                self._zeros() + [self.gamma] + q_ex)
+        self._band = None
+        if config.correction and config.correction_band is not None:
+            try:
+                self._band = [BandFilter(q.shape, config.correction_band, self.device) for q in q_ex]
+            except ValueError as e:
+                why = Reason("band_unknown", f"correction_band {list(config.correction_band)} ignored, the whole "
+                             f"correction is applied: the model output has no spatial grid the band can refer to ({e})")
+                report.refused.append(why)
+                log.warning("omnicompile: %s", why.detail)
 
     def _find_latent(self, gm, analysis) -> int:
         """The input the sampler moves along its trajectory: the float input shaped like a
@@ -342,10 +378,13 @@ class TrajectoryRuntime(_RuntimeBase):
         forced = [s.name for s in self.spans] if scheduled and not reuse else []
         measure = "res" in st and (self.calibrating or (self.config.correction and not reuse
                                                          and cal is not None and step + 1 in self.schedule))
+        coef = None
         if reuse:
             if self._fn_corrected is not None and "q" in st:
-                gamma = self._gammas[step]
-                self.gamma.fill_(gamma)
+                # k-th reuse of a run, residual k steps stale: q_hat = sum_j prod_{i<=j} gamma_i * q
+                st["prod"] = st.get("prod", 1.0) * self._gammas[step]
+                st["coef"] = coef = st.get("coef", 0.0) + st["prod"]
+                self.gamma.fill_(coef)
                 outs = call_compiled(self._fn_corrected, list(args) + st["res"] + [self.gamma] + st["q"])
             else:
                 outs = call_compiled(self._fn_reuse, list(args) + st["res"])
@@ -353,11 +392,13 @@ class TrajectoryRuntime(_RuntimeBase):
             outs = call_compiled(self._fn_measure, list(args) + st["res"])
             k = self.n_out + sum(self.counts)
             st["res"] = list(outs[self.n_out:k])
-            st["q"] = list(outs[k:])
+            st["q"] = list(outs[k:]) if self._band is None else [f(q) for f, q in zip(self._band, outs[k:])]
+            st["prod"], st["coef"] = 1.0, 0.0
         else:
             outs = call_compiled(self._fn_compute, list(args))
             st["res"] = list(outs[self.n_out:])
             st.pop("q", None)
+            st["prod"], st["coef"] = 1.0, 0.0
         if self.calibrating and slot == 0:
             q = st.get("q") if measure else None
             self._recorder.step(args[self.latent_index], outs[self.out_float[0]], q[0] if q else None)
@@ -365,7 +406,7 @@ class TrajectoryRuntime(_RuntimeBase):
         self.report.steps.append(StepRecord(
             gen, step, slot, t, {sp.name: ("reused" if reuse else "computed") for sp in self.spans},
             sum(sp.flops for sp in self.spans) if reuse else 0, forced,
-            signals={"gamma": self._gammas[step]} if reuse and self._fn_corrected is not None and "q" in st else {}))
+            signals={"gamma": coef} if coef is not None else {}))
         return tuple(outs[:self.n_out])
 
     def flush(self) -> None:

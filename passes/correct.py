@@ -15,8 +15,9 @@ Signatures (``n`` spans, ``m`` floating model outputs):
 """
 from __future__ import annotations
 
+import math
 import operator
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -25,7 +26,7 @@ from omnicompile.passes.common import copy_graph_module, example_value
 from omnicompile.passes.rewrite import _add_placeholder, _output_values, _safe, _set_outputs, build_variant
 from omnicompile.passes.spans import Span
 
-__all__ = ["build_measure_variant", "build_corrected_reuse", "float_outputs"]
+__all__ = ["build_measure_variant", "build_corrected_reuse", "float_outputs", "grid_layout", "BandFilter"]
 
 
 def float_outputs(gm: fx.GraphModule) -> list[int]:
@@ -114,3 +115,54 @@ def build_corrected_reuse(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.Graph
     g.lint()
     new.recompile()
     return new
+
+
+# ---------------------------------------------------------------- frequency band of the correction
+
+
+def grid_layout(shape: Sequence[int]) -> tuple[Optional[str], str]:
+    """How an output of ``shape`` lays out a spatial grid, for the band filter:
+    ``("image", why)`` — channels first, the grid in the last two dims (``(B, C, H, W)``,
+    ``(B, C, F, H, W)``); ``("tokens", why)`` — ``(B, N, C)`` with ``N`` a perfect square (a
+    square token grid, row-major: Flux/SD3/DiT's packed latents); ``(None, why)`` otherwise."""
+    shape = tuple(shape)
+    if len(shape) in (4, 5) and shape[-1] > 1 and shape[-2] > 1:
+        return "image", f"grid {shape[-2]}x{shape[-1]} (last two dims)"
+    if len(shape) == 3:
+        side = math.isqrt(shape[1])
+        if side > 1 and side * side == shape[1]:
+            return "tokens", f"token grid {side}x{side} (N={shape[1]})"
+        return None, f"{shape[1]} tokens do not form a square grid"
+    return None, f"shape {list(shape)} has no recognisable spatial grid"
+
+
+class BandFilter:
+    """Keeps the spatial frequencies ``lo <= r <= hi`` of a tensor laid out as
+    :func:`grid_layout` says, ``r = max(|f_y|, |f_x|) / 0.5`` (0 = constant, 1 = the highest
+    frequency of the grid).  Device ops only (FFT, a precomputed mask): no host sync."""
+
+    def __init__(self, shape: Sequence[int], band: tuple, device=None):
+        self.layout, self.why = grid_layout(shape)
+        if self.layout is None:
+            raise ValueError(self.why)
+        shape = tuple(shape)
+        h, w = (shape[-2], shape[-1]) if self.layout == "image" else (math.isqrt(shape[1]),) * 2
+        self.hw = (h, w)
+        fy = torch.fft.fftfreq(h, device=device).abs()
+        fx = torch.fft.rfftfreq(w, device=device).abs()
+        r = torch.maximum(fy[:, None], fx[None, :]) / 0.5
+        lo, hi = band
+        self.mask = ((r >= lo) & (r <= hi + 1e-9)).float()
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        h, w = self.hw
+        if self.layout == "tokens":
+            b, n, c = q.shape
+            grid = q.reshape(b, h, w, c).movedim(-1, 1)          # (B, C, h, w)
+        else:
+            grid = q
+        spec = torch.fft.rfft2(grid.float(), s=(h, w)) * self.mask
+        out = torch.fft.irfft2(spec, s=(h, w))
+        if self.layout == "tokens":
+            out = out.movedim(1, -1).reshape(b, n, c)
+        return out.to(q.dtype)

@@ -64,3 +64,55 @@ def test_output_change_and_gamma_fit():
     g = fit_gamma([math.nan, 0.8, 0.512], [1.0, 0.64, 0.4096])
     assert g[0] is None and math.isclose(g[1], 0.8) and math.isclose(g[2], 0.8)
     assert fit_gamma([math.nan, 5.0], [1.0, 1.0], hi=1.5)[1] == 1.5
+
+
+def _runs(steps):
+    runs, cur = [], []
+    for s in steps:
+        if cur and s == cur[-1] + 1:
+            cur.append(s)
+        else:
+            if cur:
+                runs.append(cur)
+            cur = [s]
+    return runs + ([cur] if cur else [])
+
+
+def _feasible(sel, n, gap, warm, cool, max_run, scores):
+    if any(not (warm <= s < n - cool) or not math.isfinite(scores[s]) for s in sel):
+        return False
+    runs = _runs(sorted(sel))
+    if max_run is not None and any(len(r) > max_run for r in runs):
+        return False
+    return all(b[0] - a[-1] >= gap for a, b in zip(runs, runs[1:]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(scores=st.lists(st.one_of(st.floats(0, 3), st.just(math.inf)), min_size=3, max_size=11),
+       budget=st.floats(0, 0.95), gap=st.integers(1, 3), warm=st.integers(0, 2), cool=st.integers(0, 2),
+       max_run=st.sampled_from([1, 2, 3, None]))
+def test_selection_is_optimal_and_fills_the_quota(scores, budget, gap, warm, cool, max_run):
+    """Against brute force: the rules hold; as many steps as the quota and the rules allow;
+    and no other selection with the same count per phase has a lower total score."""
+    import itertools
+    n = len(scores)
+    steps = select_reuse_steps(scores, budget, min_gap=gap, warmup=warm, cooldown=cool, max_run=max_run)
+    assert _feasible(steps, n, gap, warm, cool, max_run, scores)
+    quota = math.floor(budget * n + 1e-9)
+    sets = [c for k in range(n + 1) for c in itertools.combinations(range(n), k)
+            if _feasible(c, n, gap, warm, cool, max_run, scores)]
+    best_count = max(min(len(c), quota) for c in sets)
+    assert len(steps) == best_count
+    phase = lambda sel: [sum(1 for s in sel if min(2, 3 * s // n) == p) for p in range(3)]
+    same = [c for c in sets if phase(c) == phase(steps)]
+    assert sum(scores[s] for s in steps) <= min(sum(scores[s] for s in c) for c in same) + 1e-9
+
+
+def test_runs_raise_the_reachable_budget():
+    """28 steps, warm-up 2, final step protected: single reuses cap at 13 steps, runs of two at 17."""
+    scores = [0.5 + 0.01 * ((7 * s) % 5) for s in range(28)]
+    singles = {b: select_reuse_steps(scores, b, max_run=1) for b in (0.45, 0.5, 0.6)}
+    assert len(singles[0.45]) == 12 and len(singles[0.5]) == len(singles[0.6]) == 13
+    pairs = {b: select_reuse_steps(scores, b, max_run=2) for b in (0.45, 0.5, 0.6)}
+    assert [len(pairs[b]) for b in (0.45, 0.5, 0.6)] == [12, 14, 16]
+    assert max(len(r) for r in _runs(pairs[0.6])) == 2

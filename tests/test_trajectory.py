@@ -22,12 +22,26 @@ def _setup():
     return model, kw, uncond
 
 
-def reference_sampler(model, kw, uncond, schedule, gammas, correction):
+def ref_band(q, lo, hi):
+    """Band-limit q (B, N, C) on its square token grid with a full complex FFT (the runtime
+    uses a real FFT): keep frequencies with max(|fy|, |fx|) / 0.5 in [lo, hi]."""
+    b, n, c = q.shape
+    side = math.isqrt(n)
+    grid = q.reshape(b, side, side, c)
+    f = torch.fft.fftfreq(side).abs()
+    r = torch.maximum(f[:, None], f[None, :]) / 0.5
+    mask = ((r >= lo) & (r <= hi + 1e-9)).to(torch.complex64)[None, :, :, None]
+    return torch.fft.ifft2(torch.fft.fft2(grid, dim=(1, 2)) * mask, dim=(1, 2)).real.reshape(b, n, c)
+
+
+def reference_sampler(model, kw, uncond, schedule, gammas, correction, band=None):
     """Reuse the cached residuals at `schedule`; on a computed step followed by a reuse,
-    also run the reuse path (old residuals) to measure q = out_reuse - out; at the reuse
-    step subtract gamma_s * q."""
+    also run the reuse path (old residuals) to measure q = out_reuse - out (band-limited
+    with `band`); at the k-th reuse step of a run starting at s subtract
+    (g_s + g_s g_{s+1} + ... + g_s...g_{s+k-1}) * q."""
     cache = FluxResidualCache(model)
     q = {}
+    run = {}
     where = {}
 
     def on_call(i, slot):
@@ -40,8 +54,13 @@ def reference_sampler(model, kw, uncond, schedule, gammas, correction):
             cache.begin(i, slot, True)
             out = model(**k)[0]
             if correction and slot in q:
-                out = out - gammas[i] * q[slot]
+                prod, coef = run.get(slot, (1.0, 0.0))
+                prod *= gammas[i]
+                coef += prod
+                run[slot] = (prod, coef)
+                out = out - coef * q[slot]
             return (out,)
+        run.pop(slot, None)
         measure = correction and has_res and (i + 1) in schedule
         if measure:
             cache.begin(i, slot, True)
@@ -49,7 +68,7 @@ def reference_sampler(model, kw, uncond, schedule, gammas, correction):
         cache.begin(i, slot, False)
         out = model(**k)[0]
         if measure:
-            q[slot] = alt - out
+            q[slot] = alt - out if band is None else ref_band(alt - out, *band)
         else:
             q.pop(slot, None)
         return (out,)
@@ -67,6 +86,7 @@ def test_trajectory_matches_reference_sampler(correction):
     calib = sample(fn, kw, uncond, steps=STEPS)          # generation 0 calibrates, all computed
     torch.testing.assert_close(calib, plain, rtol=1e-5, atol=1e-5)
     rt = oc.runtimes[0]
+    rt._finish_calibration()                             # (else the next generation's start does it)
     # random weights give uncorrelated cache noise (fitted gammas ~0): pin gamma so the
     # correction term is exercised
     rt._gammas = [0.7] * STEPS
@@ -78,6 +98,51 @@ def test_trajectory_matches_reference_sampler(correction):
     steps = [s for s in oc.report().graphs[0].steps if s.generation == 1]
     reused = sorted({s.step for s in steps if "reused" in s.decisions.values()})
     assert reused == rt.schedule
+
+
+@pytest.mark.parametrize("max_run, band", [(2, None), (3, (0.0, 0.5)), (None, (0.5, 1.0))])
+def test_runs_and_band_match_reference_sampler(max_run, band):
+    """Runs of consecutive reuses chain the correction; the band filter keeps part of q."""
+    model, kw, uncond = _setup()          # 16 image tokens: a 4x4 grid
+    oc = OmniCache(policy="trajectory", budget=0.6, max_run=max_run, min_gap=2, correction_band=band,
+                   calibrate=None, inner_backend="eager")
+    fn = torch.compile(model, backend=oc, fullgraph=True)
+    oc.calibrate(lambda: sample(fn, kw, uncond, steps=STEPS))
+    rt = oc.runtimes[0]
+    rt._gammas = [0.9 - 0.02 * s for s in range(STEPS)]
+    got = sample(fn, kw, uncond, steps=STEPS)
+    runs = [1]
+    for a, b in zip(rt.schedule, rt.schedule[1:]):
+        runs[-1:] = [runs[-1] + 1] if b == a + 1 else [runs[-1], 1]
+    assert len(rt.schedule) == int(0.6 * STEPS) and max(runs) > 1
+    assert max_run is None or max(runs) <= max_run
+    want = reference_sampler(model, kw, uncond, set(rt.schedule), rt._gammas, True, band)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    gammas = [r.signals["gamma"] for r in oc.report().graphs[0].steps if r.generation == 1 and r.signals]
+    assert max(gammas) > max(rt._gammas)   # a chained coefficient exceeds every single gamma
+
+
+def test_explicit_reuse_steps_are_corrected():
+    model, kw, uncond = _setup()
+    oc = OmniCache(policy="trajectory", reuse_steps=[9, 11, 12, 13], calibrate=None, inner_backend="eager")
+    fn = torch.compile(model, backend=oc, fullgraph=True)
+    oc.calibrate(lambda: sample(fn, kw, uncond, steps=STEPS))
+    rt = oc.runtimes[0]
+    rt._gammas = [0.7] * STEPS
+    got = sample(fn, kw, uncond, steps=STEPS)
+    assert rt.schedule == [9, 11, 12, 13]
+    want = reference_sampler(model, kw, uncond, {9, 11, 12, 13}, rt._gammas, True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_band_without_a_grid_is_reported():
+    model, kw = tiny_flux()
+    kw = dict(kw, hidden_states=kw["hidden_states"][:, :12], img_ids=kw["img_ids"][:12])   # 12 tokens: no square grid
+    oc = OmniCache(policy="trajectory", correction_band=(0, 0.5), inner_backend="eager")
+    fn = torch.compile(model, backend=oc, fullgraph=True)
+    with torch.no_grad():
+        fn(**kw)
+    assert "band_unknown" in {r.code for r in oc.report().graphs[0].refused}
 
 
 def test_correction_changes_the_reused_output(tmp_path):
@@ -137,9 +202,14 @@ def test_presets_and_policy_errors():
     assert make_policy(OmniCache(policy="trajectory-slow").config).budget == 0.5
     assert make_policy(OmniCache(policy="trajectory-fast").config).budget == 0.6
     assert make_policy(OmniCache(policy="trajectory-fast", budget=0.3).config).budget == 0.3
+    assert make_policy(OmniCache(policy="trajectory-fast").config).max_run == 2
+    assert make_policy(OmniCache(policy="trajectory").config).max_run == 1
     for fields, field in [({"budget": 1.0}, "budget"), ({"budget": -0.1}, "budget"), ({"calibrate": 3}, "calibrate"),
                           ({"correction": "yes"}, "correction"), ({"curvature": "x"}, "curvature"),
-                          ({"min_gap": 0}, "min_gap"), ({"guard": "cond"}, "guard")]:
+                          ({"min_gap": 0}, "min_gap"), ({"guard": "cond"}, "guard"), ({"max_run": 0}, "max_run"),
+                          ({"max_run": 1.5}, "max_run"), ({"correction_band": (0.5, 0.2)}, "correction_band"),
+                          ({"correction_band": (0, 2)}, "correction_band"),
+                          ({"correction_band": "low"}, "correction_band")]:
         with pytest.raises(ConfigError) as e:
             OmniCache(policy="trajectory", **fields)
         assert e.value.field == field
