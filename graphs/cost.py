@@ -42,7 +42,7 @@ import sympy
 import torch
 
 __all__ = ["node_flops", "node_bytes", "Cost", "ZERO", "SizeSymbols", "size_symbols", "node_cost",
-           "region_cost", "graph_flops", "SIZE_NAMES"]
+           "region_cost", "graph_flops", "graph_size_symbols", "SIZE_NAMES"]
 
 #: the names of the size symbols, in the order they are looked for
 SIZE_NAMES = ("batch", "tokens", "text_tokens", "frames", "height", "width")
@@ -448,3 +448,26 @@ def region_cost(nodes: Iterable, sizes: SizeSymbols, is_param: Callable = lambda
         fl.append(c.flops)
         by.append(c.bytes)
     return Cost(sympy.expand(sympy.Add(*fl)), sympy.expand(sympy.Add(*by)))
+
+
+def graph_size_symbols(gm) -> SizeSymbols:
+    """:func:`size_symbols` of a Dynamo graph: its user inputs' shapes, with every size of a
+    parameter as a model dimension (parameters are placeholders whose name says so)."""
+    from omnicompile.passes.common import is_param_placeholder
+
+    inputs, model_dims = [], set()
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        ev = n.meta.get("example_value")
+        if not isinstance(ev, torch.Tensor):
+            continue
+        try:
+            shape = tuple(int(d) for d in ev.shape)
+        except TypeError:          # symbolic sizes
+            continue
+        if is_param_placeholder(n):
+            model_dims |= set(shape)
+        else:
+            inputs.append((n.name, shape, ev.dtype.is_floating_point))
+    return size_symbols(inputs, model_dims)

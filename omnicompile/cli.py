@@ -389,6 +389,15 @@ def _explain_text(d: dict) -> str:
                            f" (found by {bl['method']})")
         else:
             out.append("  block lists: none")
+        formulas: dict = {}
+        for uc in g.get("unit_costs", []):
+            if uc.get("flops_symbolic"):
+                formulas.setdefault(uc["group"], []).append(uc["flops_symbolic"])
+        if formulas:
+            out.append("  FLOPs per unit, in the data sizes (cost model, sympy):")
+            for grp, fs in formulas.items():
+                text = fs[0] if len(set(fs)) == 1 else "; ".join(f"#{i}: {f}" for i, f in enumerate(fs))
+                out.append(f"    {grp}: {text}")
         if g["groups"]:
             out.append("  streams (unit to unit) and side inputs (read by every unit):")
             by_group = {s["group"]: s for s in g["spans"]}

@@ -71,7 +71,7 @@ import torch.fx as fx
 
 from omnicompile.config import OmniCacheConfig
 from omnicompile.errors import OmniCacheError
-from omnicompile.graphs.cost import node_flops
+from omnicompile.graphs.cost import graph_size_symbols, node_flops, region_cost
 from omnicompile.passes.blocks import BlockAnalysis, find_blocks
 from omnicompile.passes.common import Reason, copy_graph_module, is_heavy, is_param_placeholder, tensor_meta
 from omnicompile.passes.spans import Span, SpanAnalysis, find_spans
@@ -379,9 +379,15 @@ def unit_costs(info: GraphInfo) -> list[dict]:
     """Per cache unit: size, matmul work, parameter bytes read, stream bytes a per-unit
     cache would hold, and the span (if any) that caches it."""
     rows = []
+    try:
+        sym = graph_size_symbols(info.gm)
+    except Exception as e:            # the formulas are an extra; the numbers stand without them
+        log.debug("omnicompile: no size symbols for graph %s: %s", info.graph_id, e)
+        sym = None
     for g in info.analysis.groups:
         for u in g.units:
             flops = sum(node_flops(n) for n in u.nodes)
+            expr = str(region_cost(u.nodes, sym, is_param_placeholder).flops) if sym is not None else None
             params = {a for n in u.nodes for a in n.all_input_nodes if is_param_placeholder(a)}
             if u.index < len(g.links):
                 outs = [b for _, b in g.links[u.index]]
@@ -390,7 +396,7 @@ def unit_costs(info: GraphInfo) -> list[dict]:
             k = info.span_of_unit(g.name, u.index)
             rows.append({
                 "group": g.name, "unit": u.index, "name": f"{g.name}#{u.index}", "nodes": len(u.nodes),
-                "heavy_ops": sum(is_heavy(n) for n in u.nodes), "flops": flops,
+                "heavy_ops": sum(is_heavy(n) for n in u.nodes), "flops": flops, "flops_symbolic": expr,
                 "flops_fraction": flops / info.flops_total if info.flops_total else 0.0,
                 "param_bytes": sum(_nbytes(p) for p in params),
                 "stream_bytes": sum(_nbytes(o) for o in outs),

@@ -62,7 +62,7 @@ import torch.fx as fx
 
 from omnicompile.config import OmniCacheConfig
 from omnicompile.errors import CalibrationError, ConfigError, RewriteError, ScheduleError
-from omnicompile.graphs.cost import Cost, node_flops, region_cost, size_symbols
+from omnicompile.graphs.cost import Cost, graph_size_symbols, node_flops, region_cost
 from omnicompile.graphs.plan import (
     Plan, PlanError, check_plan, coalesce, make_dag, plan_layered, refine, saved_latency, unit_names,
 )
@@ -148,23 +148,7 @@ def analyze_units(gm: fx.GraphModule, analysis) -> UnitGraph:
             spans[name] = sp
             if sp is None:
                 refused.append(why)
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    user = [n for n in placeholders if not is_param_placeholder(n)]
-    inputs = []
-    for n in user:
-        ev = n.meta.get("example_value")
-        if isinstance(ev, torch.Tensor):
-            try:
-                inputs.append((n.name, tuple(int(d) for d in ev.shape), ev.dtype.is_floating_point))
-            except TypeError:
-                pass
-    model_dims = set()
-    for n in placeholders:
-        if is_param_placeholder(n):
-            ev = n.meta.get("example_value")
-            if isinstance(ev, torch.Tensor):
-                model_dims |= {int(d) for d in ev.shape}
-    sym = size_symbols(inputs, model_dims)
+    sym = graph_size_symbols(gm)
     from omnicompile.graphs.plan import unit_dag
 
     dag = unit_dag(nodes, unit_nodes, stream_inputs=streams, chains=chains,
