@@ -328,7 +328,10 @@ def _select_reference(scores: torch.Tensor, src_idx: torch.Tensor, n: int, r: in
     flags = torch.zeros(batch, n, dtype=torch.int8, device=scores.device)
     flags.scatter_(1, src_idx.long()[order], 1)
     perm = torch.sort(flags, dim=1, stable=True).indices  # kept rows ascending, then skipped ascending
-    return perm[:, n - r:].contiguous(), perm[:, : n - r].contiguous()
+    # clones, not .contiguous(): with one sample both slices are already contiguous views of
+    # perm, and a custom op's outputs may not alias each other
+    return perm[:, n - r:].clone(memory_format=torch.contiguous_format), \
+        perm[:, : n - r].clone(memory_format=torch.contiguous_format)
 
 
 def similarity_topk_reference(x, r, src_idx, dst_idx, src_group=None, dst_group=None):

@@ -127,7 +127,10 @@ class OmniCache:
             self._write_dump(cfg, gm, report, None, blocks, analysis)
             return inner(gm, example_inputs)
 
-        if not policy.rewrites:
+        from omnicompile.tokens import token_cache_enabled
+
+        merging = token_cache_enabled(cfg)
+        if not policy.rewrites and not merging:
             return fallback(Reason("policy_none", f"policy {cfg.policy!r} does not rewrite graphs"), warn=False)
         try:
             blocks = find_blocks(gm)
@@ -141,6 +144,13 @@ class OmniCache:
                                    [n.name for n in s.side_inputs], s.flops) for s in analysis.spans]
         report.timestep_input = analysis.timestep.name if analysis.timestep is not None else None
         report.flops_per_call = _graph_flops(gm)
+        compile_fn = inner
+        if merging:   # token / frame / block caches: plan once, rewrite every graph compiled below
+            compile_fn, token_reasons = _token_compiler(gm, blocks, cfg, report, inner)
+            report.refused.extend(token_reasons)
+            if not policy.rewrites or not analysis.spans:
+                return self._token_only(gm, example_inputs, analysis, cfg, policy, report, compile_fn,
+                                        fallback, blocks)
         if not analysis.spans:
             first = next((r for r in report.refused if r.code != "no_module_metadata"), None)
             return fallback(first or Reason("no_spans", "no cacheable span"))
@@ -153,7 +163,9 @@ class OmniCache:
         guard = cfg.guard if cfg.guard != "auto" else ("variants" if policy.static else "cond")
         report.guard = guard
         try:
-            rt = policy.runtime_class()(gm, example_inputs, analysis, cfg, policy, report, inner, guard)
+            rt = policy.runtime_class()(gm, example_inputs, analysis, cfg, policy, report, compile_fn, guard)
+            if compile_fn is not inner:
+                compile_fn.state.bind(rt.tracker)
             if self._calibrating and hasattr(rt, "force_calibrate"):
                 rt.force_calibrate = True
         except CalibrationError:
@@ -170,6 +182,34 @@ class OmniCache:
         self._write_dump(cfg, gm, report, rt, blocks, analysis)
         return rt
 
+    def _token_only(self, gm, example_inputs, analysis, cfg, policy, report, compile_fn, fallback, blocks):
+        """Token / frame / block caches without a step policy (``policy="none"`` or no cacheable
+        span): :class:`~omnicompile.tokens.TokenRuntime` or, where nothing is wrapped, the
+        unchanged graph."""
+        from omnicompile.tokens import TokenCompiler, TokenRuntime
+
+        if not isinstance(compile_fn, TokenCompiler):
+            first = next((r for r in report.refused if r.code.startswith("merge_")), None)
+            return fallback(first or Reason("merge_nothing", "no region wrapped by the token/frame/block caches"))
+        if analysis.timestep is None:
+            return fallback(Reason("no_timestep", "no timestep input found: cannot tell denoising steps apart"))
+        if torch.is_grad_enabled() and any(
+                isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+            return fallback(Reason("training_graph", "gradients are enabled: caching is for inference; "
+                                   "call the model under torch.no_grad() or torch.inference_mode()"))
+        try:
+            rt = TokenRuntime(gm, example_inputs, analysis, cfg, policy, report, compile_fn)
+            compile_fn.state.bind(rt.tracker)
+        except Exception as e:
+            log.exception("omnicache: token cache rewrite or inner compile failed")
+            return fallback(Reason("rewrite_failed", f"{type(e).__name__}: {e}"))
+        report.cached = True
+        report.guard = "tokens"
+        report.spans = []
+        self._graphs.append((report, rt))
+        self._write_dump(cfg, gm, report, rt, blocks, analysis)
+        return rt
+
     @staticmethod
     def _write_dump(cfg, gm, report, rt, blocks, analysis) -> None:
         """With ``dump_dir`` set: the full dump of this graph (omnicompile.dump); never raises."""
@@ -178,6 +218,22 @@ class OmniCache:
         from omnicompile.dump import write_graph_dump
         write_graph_dump(cfg.dump_dir, report.graph_id, gm, report, rt, config=cfg,
                          blocks=blocks, analysis=analysis)
+
+
+def _token_compiler(gm, blocks, cfg, report, inner):
+    """Plan the token / frame / block caches on ``gm``: (a TokenCompiler wrapping ``inner``,
+    or ``inner`` where nothing is wrapped; the refusals)."""
+    from omnicompile.tokens import TokenCompiler, TokenState, plan_for_config
+
+    try:
+        plan = plan_for_config(gm, blocks, cfg)
+    except Exception as e:  # a planning bug must never break the user's model
+        log.exception("omnicache: token cache planning failed")
+        return inner, [Reason("merge_failed", f"{type(e).__name__}: {e}")]
+    state = TokenState(plan, report)
+    if not plan.wraps:
+        return inner, plan.refused
+    return TokenCompiler(inner, plan, state), plan.refused
 
 
 def _graph_flops(gm: fx.GraphModule) -> int:

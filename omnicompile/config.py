@@ -95,6 +95,23 @@ class OmniCacheConfig:
     #: layered: caching interval N of Algorithm 1 — no unit reuses more than N - 1 steps in a
     #: row (the paper: N = 5 on SD3); 1 = never reuse
     cache_interval: int = 5
+    #: token cache (OmniCache, any policy): fraction of the tokens of a frame skipped in the
+    #: wrapped spatial blocks and filled from the previous step (0 = off; the paper: <= 0.4)
+    token_ratio: float = 0.0
+    #: frame cache: fraction of the frames skipped in the spatial blocks of a video model
+    frame_ratio: float = 0.0
+    #: block cache: fraction of the spatial positions skipped in the temporal blocks
+    block_ratio: float = 0.0
+    #: token / block caches: match tokens only within k x k patches (hierarchical caching)
+    patch: Optional[int] = None
+    #: token / frame / block caches: also merge the feed-forward (False: the paper's choice,
+    #: only the attention part of a block runs on the kept rows)
+    merge_ffn: bool = False
+    #: token / frame / block caches: blocks at each end of a block list never merged
+    merge_exclude: int = 1
+    #: token / frame / block caches: what a skipped row gets, "output" (last step's output of
+    #: the wrapped region) or "residual" (this step's input + last step's output - input)
+    merge_fill: str = "output"
 
     def __post_init__(self):
         from omnicompile.policies import POLICIES  # registry is filled at import time
@@ -162,6 +179,18 @@ class OmniCacheConfig:
         _check_type("cache_interval", self.cache_interval, int)
         if self.cache_interval < 1:
             raise ConfigError("cache_interval", self.cache_interval, "must be an integer >= 1")
+        for name in ("token_ratio", "frame_ratio", "block_ratio"):
+            _check_number(name, getattr(self, name), lo=0.0, hi=1.0, hi_open=True)
+        if self.patch is not None:
+            _check_type("patch", self.patch, int)
+            if self.patch < 1:
+                raise ConfigError("patch", self.patch, "must be None or an integer >= 1 (k x k patches)")
+        if not isinstance(self.merge_ffn, bool):
+            raise ConfigError("merge_ffn", self.merge_ffn, "must be True or False")
+        _check_type("merge_exclude", self.merge_exclude, int)
+        if self.merge_exclude < 0:
+            raise ConfigError("merge_exclude", self.merge_exclude, "must be an integer >= 0")
+        _check_choice("merge_fill", self.merge_fill, ("output", "residual"))
         _check_choice("guard", self.guard, GUARDS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if self.dump_dir is not None:

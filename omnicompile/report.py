@@ -79,6 +79,9 @@ class GraphReport:
     steps: list[StepRecord] = dataclasses.field(default_factory=list)
     cache_bytes: int = 0
     generations: int = 0
+    #: token / frame / block caches (omnicompile.tokens): geometry, wrapped regions, calls
+    #: merged / full and FLOPs saved by merging (included in ``flops_saved``)
+    token_cache: dict = dataclasses.field(default_factory=dict)
 
     @property
     def calls(self) -> int:
@@ -97,7 +100,7 @@ class GraphReport:
 
     @property
     def flops_saved(self) -> int:
-        return sum(r.flops_saved for r in self.steps)
+        return sum(r.flops_saved for r in self.steps) + int(self.token_cache.get("flops_saved", 0))
 
     @property
     def flops_saved_fraction(self) -> float:
@@ -213,6 +216,16 @@ class GraphReport:
             for s in g.spans:
                 lines.append(f"| `{s.name}` | {s.units} | {', '.join(s.streams)} | "
                              f"{', '.join(s.side_inputs) or '-'} | {s.flops / 1e6:.3f} |")
+            lines.append("")
+        tc = g.token_cache
+        if tc.get("wrapped"):
+            lines += [f"token / frame / block caches: {tc.get('merged_calls', 0)} merged calls, "
+                      f"{tc.get('full_calls', 0)} full, {tc.get('flops_saved', 0) / 1e6:.3f} MFLOP saved", "",
+                      "| block | axis | rows skipped | merged inputs | MFLOP (merged / full) |",
+                      "|---|---|---:|---|---:|"]
+            for w in tc["wrapped"]:
+                lines.append(f"| `{w['block']}` | {w['axis']} | {w['skipped']} of {w['rows']} | "
+                             f"{_md(', '.join(w['inputs']))} | {w['flops_merged'] / 1e6:.3f} / {w['flops_full'] / 1e6:.3f} |")
             lines.append("")
         if g.refused:
             lines.append("not cached:")
@@ -334,6 +347,12 @@ class Report:
             for s in g.spans:
                 lines.append(f"  span {s.name}: {s.units} units, streams {', '.join(s.streams)}, "
                              f"side inputs {', '.join(s.side_inputs) or '-'}, {s.flops / 1e6:.2f} MFLOP")
+            for w in g.token_cache.get("wrapped", []):
+                lines.append(f"  wraps {w['block']} along {w['axis']}: {w['skipped']} of {w['rows']} rows skipped, "
+                             f"{w['flops_merged'] / 1e6:.2f} of {w['flops_full'] / 1e6:.2f} MFLOP")
+            if g.token_cache.get("wrapped"):
+                tc = g.token_cache
+                lines.append(f"  token/frame/block caches: {tc['merged_calls']} merged calls, {tc['full_calls']} full")
             for r in g.refused:
                 lines.append(f"  not cached: {r}")
             if g.steps:

@@ -1,0 +1,191 @@
+"""Runtime side of the token, frame and block caches (``token_ratio``, ``frame_ratio``,
+``block_ratio``; the graph side is :mod:`omnicompile.passes.tokens`).
+
+The caches combine with any step policy without the policy knowing: the backend plans the
+wrapped regions once on Dynamo's graph, then hands the step runtime a :class:`TokenCompiler`
+in place of the inner compiler.  Every graph the runtime compiles (its computed and reused
+variants, the trajectory's compute graph, ...) is rewritten by
+:func:`~omnicompile.passes.tokens.apply_token_cache` for the regions it still holds — a
+region inside a reused span is gone from that variant, so *a step-reused unit is not
+merged* — and the returned :class:`TokenCallable` keeps the signature the runtime expects:
+it appends the cache state to the arguments, strips the new state from the results and keeps
+it per CFG slot.  Each callable holds two compiled graphs: the *full* one (nothing merged; its
+outputs seed the state) for the first call of a slot in a generation, and the *merged* one,
+compiled on first use.  Generations and slots come from the step runtime's
+:class:`~omnicompile.runtime.StepTracker` (``bind``); with no step policy
+(``policy="none"``, or no cacheable span) :class:`TokenRuntime` tracks steps itself.
+
+Regions inside ``torch.cond`` branches (``guard="cond"``, the probe policy's guarded blocks)
+are not visible to the rewrite and run unmerged; the report says so.  No host sync is added:
+``r`` is a compile-time constant, the rows are chosen on the device.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from omnicompile.passes.common import Reason
+from omnicompile.passes.tokens import TokenPlan, apply_token_cache, plan_token_cache, state_specs
+from omnicompile.runtime import _RuntimeBase, call_compiled
+from omnicompile.report import StepRecord
+
+__all__ = ["token_cache_enabled", "plan_for_config", "TokenState", "TokenCompiler", "TokenCallable",
+           "TokenRuntime"]
+
+
+def token_cache_enabled(cfg) -> bool:
+    return any(getattr(cfg, f, 0.0) > 0 for f in ("token_ratio", "frame_ratio", "block_ratio"))
+
+
+def plan_for_config(gm: fx.GraphModule, blocks, cfg) -> TokenPlan:
+    return plan_token_cache(gm, blocks, token_ratio=cfg.token_ratio, frame_ratio=cfg.frame_ratio,
+                            block_ratio=cfg.block_ratio, patch=cfg.patch, merge_ffn=cfg.merge_ffn,
+                            exclude=cfg.merge_exclude, fill=cfg.merge_fill)
+
+
+class TokenState:
+    """The caches' state of one compiled graph: per CFG slot, the last output (or residual)
+    of every wrapped region, keyed ``block:output``; cleared when a generation starts."""
+
+    def __init__(self, plan: TokenPlan, report):
+        self.plan = plan
+        self.report = report
+        self.tracker = None
+        self._generation = None
+        self.slots: dict[int, dict[str, torch.Tensor]] = {}
+        tc = report.token_cache
+        tc.update({"geometry": plan.geometry.describe() if plan.geometry else None,
+                   "wrapped": [w.describe() for w in plan.wraps], "merged_calls": 0, "full_calls": 0,
+                   "flops_saved": 0, "unmerged_graphs": 0})
+
+    def bind(self, tracker) -> None:
+        self.tracker = tracker
+
+    def _slot(self) -> dict:
+        t = self.tracker
+        gen, slot = (t.generation, t.slot) if t is not None else (0, 0)
+        if gen != self._generation:
+            self._generation = gen
+            self.slots.clear()
+        return self.slots.setdefault(slot, {})
+
+    def lookup(self, keys: list[str]) -> Optional[list[torch.Tensor]]:
+        st = self._slot()
+        if all(k in st for k in keys):
+            return [st[k] for k in keys]
+        return None
+
+    def store(self, keys: list[str], values) -> None:
+        st = self._slot()
+        for k, v in zip(keys, values):
+            st[k] = v
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.slots.values() for t in s.values())
+
+    def reset(self) -> None:
+        self.slots.clear()
+
+
+class TokenCompiler:
+    """Stands in for the inner compiler: ``TokenCompiler(inner, plan, state)(g, examples)``."""
+
+    def __init__(self, inner: Callable, plan: TokenPlan, state: TokenState):
+        self.inner = inner
+        self.plan = plan
+        self.state = state
+
+    def __call__(self, g: fx.GraphModule, example_inputs: list):
+        full, present, _ = apply_token_cache(g, self.plan, merged=False)
+        hidden = _in_branches(g, self.plan)
+        if hidden:
+            self.state.report.token_cache["unmerged_graphs"] += 1
+            why = Reason("merge_in_cond", "regions inside torch.cond branches run unmerged: "
+                         + ", ".join(hidden), "guard=cond")
+            if why not in self.state.report.refused:
+                self.state.report.refused.append(why)
+        if not present:
+            return self.inner(g, example_inputs)
+        return TokenCallable(self, g, list(example_inputs), full, present)
+
+
+def _in_branches(g: fx.GraphModule, plan: TokenPlan) -> list[str]:
+    """Planned regions whose nodes sit inside a submodule (a ``torch.cond`` branch) of ``g``."""
+    names = set()
+    for _, mod in g.named_modules():
+        if mod is not g and isinstance(mod, fx.GraphModule):
+            names |= {n.name for n in mod.graph.nodes}
+    return [w.block for w in plan.wraps if w.region and w.region[-1] in names]
+
+
+class TokenCallable:
+    """One compiled graph with its wrapped regions: picks the full or merged version per call."""
+
+    def __init__(self, compiler: TokenCompiler, g: fx.GraphModule, example_inputs: list,
+                 full: fx.GraphModule, present: list):
+        self.compiler = compiler
+        self.g = g
+        self.example_inputs = example_inputs
+        self.present = present
+        self.specs = state_specs(present)
+        self.keys = [name for name, _, _ in self.specs]
+        self.saved = sum(w.flops_full - w.flops_merged for w in present)
+        self.full_graph = full
+        self.merged_graph: Optional[fx.GraphModule] = None
+        self.consts: list[torch.Tensor] = []
+        self._full = compiler.inner(full, example_inputs)
+        self._merged = None
+
+    def _state_examples(self) -> list[torch.Tensor]:
+        dev = self.present[0].device
+        return [torch.zeros(shape, dtype=dtype, device=dev) for _, shape, dtype in self.specs]
+
+    def merged(self):
+        if self._merged is None:
+            self.merged_graph, _, self.consts = apply_token_cache(self.g, self.compiler.plan, merged=True)
+            self._merged = self.compiler.inner(self.merged_graph,
+                                               self.example_inputs + self._state_examples() + self.consts)
+        return self._merged
+
+    def __call__(self, *args):
+        state = self.compiler.state
+        tc = state.report.token_cache
+        prev = state.lookup(self.keys)
+        if prev is None:
+            outs = call_compiled(self._full, list(args))
+            tc["full_calls"] += 1
+        else:
+            fn = self.merged()
+            outs = call_compiled(fn, list(args) + prev + self.consts)
+            tc["merged_calls"] += 1
+            tc["flops_saved"] += self.saved
+        n = len(self.keys)
+        state.store(self.keys, outs[len(outs) - n:])
+        return outs[:len(outs) - n]
+
+
+class TokenRuntime(_RuntimeBase):
+    """The token / frame / block caches without a step policy: one graph, every step computed
+    (merged wherever a cache is held)."""
+
+    def __init__(self, gm, example_inputs, analysis, config, policy, report, compile_fn, guard=None):
+        super().__init__(gm, example_inputs, analysis, config, policy, report, compile_fn)
+        self.spans = []
+        self._fn = self._compile("tokens", gm, [])
+
+    def __call__(self, *args):
+        gen, step, slot, new, t = self._advance(args)
+        outs = call_compiled(self._fn, list(args))
+        self.report.steps.append(StepRecord(gen, step, slot, t, {}, 0))
+        state = getattr(self.compile_fn, "state", None)
+        if state is not None:
+            self.report.cache_bytes = state.held_bytes()
+        return tuple(outs)
+
+    def reset(self) -> None:
+        super().reset()
+        state = getattr(self.compile_fn, "state", None)
+        if state is not None:
+            state.reset()
