@@ -944,7 +944,13 @@ def main(argv=None) -> dict:
     rows: list[dict] = []
     try:
         for spec in methods:
-            row = h.run(spec)
+            try:
+                row = h.run(spec)
+            except Exception as e:      # one broken row must not lose the whole run
+                logging.getLogger("bench").exception("row %s failed", spec.name)
+                row = {"name": spec.name, "family": spec.family, "kind": spec.kind, "compiled": spec.compiled,
+                       "setting": spec.setting if spec.peer is None else spec.peer.kwargs, "status": "error",
+                       "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "notes": []}
             if row["status"] != "ok":
                 h.bar.update(per(spec))
             rows.append(row)

@@ -391,12 +391,14 @@ class TrajectoryRuntime(_RuntimeBase):
         elif measure:
             outs = call_compiled(self._fn_measure, list(args) + st["res"])
             k = self.n_out + sum(self.counts)
-            st["res"] = list(outs[self.n_out:k])
-            st["q"] = list(outs[k:]) if self._band is None else [f(q) for f, q in zip(self._band, outs[k:])]
+            # state goes back into graphs compiled for contiguous examples (Inductor asserts strides)
+            st["res"] = [r.contiguous() for r in outs[self.n_out:k]]
+            qs = outs[k:] if self._band is None else [f(q) for f, q in zip(self._band, outs[k:])]
+            st["q"] = [q.contiguous() for q in qs]
             st["prod"], st["coef"] = 1.0, 0.0
         else:
             outs = call_compiled(self._fn_compute, list(args))
-            st["res"] = list(outs[self.n_out:])
+            st["res"] = [r.contiguous() for r in outs[self.n_out:]]
             st.pop("q", None)
             st["prod"], st["coef"] = 1.0, 0.0
         if self.calibrating and slot == 0:
