@@ -110,8 +110,14 @@ class OmniCacheConfig:
     #: token / frame / block caches: blocks at each end of a block list never merged
     merge_exclude: int = 1
     #: token / frame / block caches: what a skipped row gets, "output" (last step's output of
-    #: the wrapped region) or "residual" (this step's input + last step's output - input)
+    #: the wrapped region), "residual" (this step's input + last step's output - input) or
+    #: "interpolate" (this step's output of the dst row it matched: no cache, the paper's
+    #: interpolation baseline)
     merge_fill: str = "output"
+    #: token / frame / block caches: "paper" (S2T/T2S: token and frame caches in spatial layers,
+    #: block cache in temporal ones) or "swapped" (the paper's S2S/T2T ablation: frame cache in
+    #: temporal layers, block cache in spatial ones; the token cache is refused)
+    merge_placement: str = "paper"
 
     def __post_init__(self):
         from omnicompile.policies import POLICIES  # registry is filled at import time
@@ -190,7 +196,8 @@ class OmniCacheConfig:
         _check_type("merge_exclude", self.merge_exclude, int)
         if self.merge_exclude < 0:
             raise ConfigError("merge_exclude", self.merge_exclude, "must be an integer >= 0")
-        _check_choice("merge_fill", self.merge_fill, ("output", "residual"))
+        _check_choice("merge_fill", self.merge_fill, ("output", "residual", "interpolate"))
+        _check_choice("merge_placement", self.merge_placement, ("paper", "swapped"))
         _check_choice("guard", self.guard, GUARDS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if self.dump_dir is not None:

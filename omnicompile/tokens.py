@@ -11,7 +11,8 @@ merged* — and the returned :class:`TokenCallable` keeps the signature the runt
 it appends the cache state to the arguments, strips the new state from the results and keeps
 it per CFG slot.  Each callable holds two compiled graphs: the *full* one (nothing merged; its
 outputs seed the state) for the first call of a slot in a generation, and the *merged* one,
-compiled on first use.  Generations and slots come from the step runtime's
+compiled on first use (``merge_fill="interpolate"`` holds no state: an empty marker per region
+keeps the same full-then-merged schedule).  Generations and slots come from the step runtime's
 :class:`~omnicompile.runtime.StepTracker` (``bind``); with no step policy
 (``policy="none"``, or no cacheable span) :class:`TokenRuntime` tracks steps itself.
 
@@ -42,7 +43,7 @@ def token_cache_enabled(cfg) -> bool:
 def plan_for_config(gm: fx.GraphModule, blocks, cfg) -> TokenPlan:
     return plan_token_cache(gm, blocks, token_ratio=cfg.token_ratio, frame_ratio=cfg.frame_ratio,
                             block_ratio=cfg.block_ratio, patch=cfg.patch, merge_ffn=cfg.merge_ffn,
-                            exclude=cfg.merge_exclude, fill=cfg.merge_fill)
+                            exclude=cfg.merge_exclude, fill=cfg.merge_fill, placement=cfg.merge_placement)
 
 
 class TokenState:
@@ -131,6 +132,9 @@ class TokenCallable:
         self.present = present
         self.specs = state_specs(present)
         self.keys = [name for name, _, _ in self.specs]
+        # fill="interpolate" holds no state; an empty marker per region still makes the first
+        # call of a slot in a generation the full one (the same schedule as the other fills)
+        self.marks = [f"{w.block}:ran" for w in present if w.fill == "interpolate"]
         self.saved = sum(w.flops_full - w.flops_merged for w in present)
         self.full_graph = full
         self.merged_graph: Optional[fx.GraphModule] = None
@@ -152,7 +156,9 @@ class TokenCallable:
     def __call__(self, *args):
         state = self.compiler.state
         tc = state.report.token_cache
-        prev = state.lookup(self.keys)
+        prev = state.lookup(self.keys + self.marks)
+        if prev is not None:
+            prev = prev[:len(self.keys)]
         if prev is None:
             outs = call_compiled(self._full, list(args))
             tc["full_calls"] += 1
@@ -163,7 +169,12 @@ class TokenCallable:
             tc["flops_saved"] += self.saved
         n = len(self.keys)
         state.store(self.keys, outs[len(outs) - n:])
+        if self.marks:
+            state.store(self.marks, [_MARK] * len(self.marks))
         return outs[:len(outs) - n]
+
+
+_MARK = torch.empty(0)
 
 
 class TokenRuntime(_RuntimeBase):

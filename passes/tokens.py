@@ -72,6 +72,33 @@ batch, the block axis a temporal layer's batch; otherwise the region is refused
 (``merge_placement``).  The first and last ``merge_exclude`` blocks of every list are never
 wrapped (the paper excludes them: most sensitive to caching).
 
+Ablations (the paper's §4 / Figs. 9-10, for ``bench/``):
+
+* ``placement="swapped"`` — S2S/T2T, read from the paper's own description: "swapping the
+  positions of frame caching and block caching" (Fig. 9: r_t = 0, "Token Merge is not included
+  since it can only be applied in the spatial layer").  Each cache keeps its rows, its features
+  for the similarity and its split; only the layer type changes.  The *frame* cache wraps the
+  temporal layers: frames are scored whole per sample (``[B, F, N*C]``, every other frame dst)
+  and the same ``r_f`` frames leave every position's temporal sequence (``[B*N, F, C] ->
+  [B*N, F - r_f, C]``: T2T, temporal attention sees a lower frame rate).  The *block* cache
+  wraps the spatial layers: spatial positions (blocks, ``1 x 1 x F``) are scored whole per
+  sample (``[B, N, F*C]``, one dst per 2x2 cell) and the same ``r_b`` positions leave every
+  frame's token sequence (``[B*F, N, C] -> [B*F, N - r_b, C]``: S2S).  In both the merged
+  axis is the layer's attention *sequence*, and one choice per sample is repeated over its
+  ``G`` rows (``Wrap.groups``: ``G = N`` positions for frames, ``F`` frames for blocks), which
+  needs the rows before the axis proved ``[B, G]`` batch-outer (traced glue, as for the
+  paper's frame / block caches; else ``merge_batch_layout``).  The token cache has no swapped
+  placement (a temporal layer does not hold a frame's tokens as rows): refused
+  (``merge_placement``, subject ``token``); so are the frame / block caches of models without
+  separate spatial and temporal layers (images, Wan's joint attention).
+* ``fill="interpolate"`` — the paper's interpolation baselines (FI/BI/TI): no cache, a skipped
+  row takes *this* step's output of the dst row it matches best (highest cosine similarity
+  on the scored view, within its patch with ``patch``; first dst on ties) — ToMe's
+  unmerge-by-copy, of the whole region output like ``fill="output"``.  Computed in the graph
+  by :func:`interpolation_index` (torch ops; the kernels return no match) and applied with
+  ``merge``.  No state is held; the first call of a generation still runs in full, so the
+  schedule and FLOPs equal the cached fills' and only the fill differs.
+
 Facts written: none on Dynamo's graph; :func:`plan_token_cache` returns a :class:`TokenPlan`
 and :func:`apply_token_cache` rewrites any graph that still holds the planned regions (the
 step policies' variants keep node names), appending the state inputs and outputs and, as
@@ -91,10 +118,17 @@ import torch.fx as fx
 
 from omnicompile.passes.common import Reason, example_value, is_param_placeholder, module_paths
 
-__all__ = ["AXES", "Layout", "Wrap", "TokenPlan", "Geometry", "find_geometry", "trace_region",
-           "plan_token_cache", "apply_token_cache", "state_specs"]
+__all__ = ["AXES", "PLACEMENTS", "FILLS", "Layout", "Wrap", "TokenPlan", "Geometry", "find_geometry",
+           "trace_region", "plan_token_cache", "apply_token_cache", "state_specs", "interpolation_index"]
 
 AXES = ("token", "frame", "block")
+#: ``merge_placement``: "paper" (S2T/T2S) or "swapped" (the paper's S2S/T2T ablation)
+PLACEMENTS = ("paper", "swapped")
+#: ``merge_fill``: where a skipped row's value comes from
+FILLS = ("output", "residual", "interpolate")
+#: the layer type each cache wraps, per placement (None: no such placement)
+LAYERS = {"paper": {"token": "spatial", "frame": "spatial", "block": "temporal"},
+          "swapped": {"token": None, "frame": "temporal", "block": "spatial"}}
 
 
 class _Refuse(Exception):
@@ -1003,7 +1037,12 @@ class Wrap:
     sites: dict                # external name -> (region node name, input index)
     device: Any = None
     fill: str = "output"       # "output": skipped rows keep last step's output; "residual":
-    #                            skipped rows get this step's input + last step's (output - input)
+    #                            skipped rows get this step's input + last step's (output - input);
+    #                            "interpolate": skipped rows copy this step's output of their
+    #                            matched (most similar) dst row (no state)
+    groups: int = 1            # G: consecutive selections sharing one choice of rows (swapped
+    #                            placement: the frames, or positions, of a sample; scored together)
+    placement: str = "paper"
     flops_full: int = 0
     flops_merged: int = 0
 
@@ -1012,8 +1051,9 @@ class Wrap:
         return self.rows - self.kept
 
     def describe(self) -> dict:
-        return {"block": self.block, "axis": self.axis, "fill": self.fill, "rows": self.rows, "skipped": self.r,
-                "selections": self.sel, "split": self.split_text, "region_nodes": len(self.region),
+        return {"block": self.block, "axis": self.axis, "fill": self.fill, "placement": self.placement,
+                "rows": self.rows, "skipped": self.r, "selections": self.sel // self.groups,
+                "split": self.split_text, "region_nodes": len(self.region),
                 "inputs": [f"{t.name}[{t.dim}]={t.layout}" for t in self.inputs],
                 "outputs": [f"{o.name}[{o.dim}]" for o in self.outputs],
                 "flops_full": self.flops_full, "flops_merged": self.flops_merged}
@@ -1250,6 +1290,24 @@ def _glue_layout(gm: fx.GraphModule, main: fx.Node, dim: int, axis: str, n_rows:
     return lay
 
 
+def _group_layout(gm: fx.GraphModule, main: fx.Node, d: int, axis: str, groups: int, batch: int) -> Optional[Reason]:
+    """Swapped placement: prove that ``main``'s rows before the axis dim ``d`` are ``batch x
+    groups`` with the batch outer (the frames of a sample in a spatial layer, its positions in a
+    temporal one), by tracing the glue from the previous block's output where the group axis
+    is a whole dim.  None when proved."""
+    shape = tuple(example_value(main).shape)
+    other = "frame" if axis == "block" else "block"
+    if d != 1 or shape[0] != batch * groups:
+        return Reason("merge_batch_layout", f"the rows of {main.name} before the {axis} axis are not one dim of "
+                      f"batch x {groups} ({'frames' if other == 'frame' else 'positions'})")
+    lay = _glue_layout(gm, main, 0, other, groups, groups + 1)
+    if isinstance(lay, Reason):
+        return lay
+    if lay != Layout.make([[batch, other]]):
+        return Reason("merge_batch_layout", f"dim 0 of {main.name} is {lay}, not batch x {other} (batch outer)")
+    return None
+
+
 def _split_for(axis: str, geo: Geometry, n_rows: int, patch: Optional[int]) -> tuple:
     from omnicompile import kernels as K
 
@@ -1268,30 +1326,42 @@ def _split_for(axis: str, geo: Geometry, n_rows: int, patch: Optional[int]) -> t
 
 def plan_token_cache(gm: fx.GraphModule, blocks, *, token_ratio: float = 0.0, frame_ratio: float = 0.0,
                      block_ratio: float = 0.0, patch: Optional[int] = None, merge_ffn: bool = False,
-                     exclude: int = 1, fill: str = "output") -> TokenPlan:
+                     exclude: int = 1, fill: str = "output", placement: str = "paper") -> TokenPlan:
     """Decide and prove which regions the token / frame / block caches wrap (module docstring).
 
     ``blocks`` is :func:`~omnicompile.passes.blocks.find_blocks`' analysis.  Pure: reads
     ``gm``, writes nothing on it.  One region per block: where two axes fit a block, the first
-    of frame, block, token wins.
+    of frame, block, token wins.  ``placement`` and ``fill``: see "Ablations" in the module
+    docstring.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
     ratios = {"frame": frame_ratio, "block": block_ratio, "token": token_ratio}
     active = [a for a in ("frame", "block", "token") if ratios[a] > 0]
     refused: list[Reason] = []
     wraps: list[Wrap] = []
+    if placement == "swapped" and "token" in active:
+        active.remove("token")
+        refused.append(Reason("merge_placement", "token cache: merge_placement='swapped' is the paper's S2S/T2T "
+                              "ablation (Fig. 9), which swaps the frame and block caches; the token cache has no "
+                              "swapped placement (its rows are the tokens of a frame, which a temporal layer does "
+                              "not hold as rows: the paper leaves it out, r_t = 0)", "token"))
     if not active:
-        return TokenPlan([], [], None)
+        return TokenPlan([], refused, None)
     geo, why = find_geometry(gm)
     if geo is None:
-        return TokenPlan([], [why], None)
+        return TokenPlan([], refused + [why], None)
     for axis in active:
         if axis in ("frame", "block") and geo.kind != "video":
             what = ("frames are part of the token rows of a joint spatio-temporal attention (use token_ratio)"
                     if geo.kind == "joint" else "not a video model")
             refused.append(Reason("merge_placement", f"{axis} cache: {what}; the {axis} cache wraps "
-                                  f"{'spatial' if axis == 'frame' else 'temporal'} layers of a video model", axis))
+                                  f"{LAYERS[placement][axis]} layers of a video model"
+                                  + (" (merge_placement='swapped')" if placement == "swapped" else ""), axis))
     taken: dict[str, str] = {}
-    opts = dict(geo=geo, patch=patch, merge_ffn=merge_ffn, fill=fill)
+    opts = dict(geo=geo, patch=patch, merge_ffn=merge_ffn, fill=fill, placement=placement)
     for bl in blocks.lists:
         n_blocks = len(bl.blocks)
         excl = [b.name for i, b in enumerate(bl.blocks) if i < exclude or i >= n_blocks - exclude]
@@ -1337,15 +1407,19 @@ class _Proto:
 
 
 def _plan_block(gm, b, axis: str, ratio: float, proto: Optional[_Proto], *, geo: Geometry, patch, merge_ffn: bool,
-                fill: str = "output"):
+                fill: str = "output", placement: str = "paper"):
     """Wrap block ``b`` along ``axis``: (wrap, None, proto) or (None, reason, proto)."""
     subject = f"{b.name}:{axis}"
 
     def no(code, msg):
         return None, Reason(code, msg, subject), proto
 
+    groups = 1
     if axis == "token":
         n_rows, per = _geo_tokens(geo), 1
+    elif placement == "swapped":   # the axis is the layer's sequence; one choice per sample
+        n_rows, per = (geo.frames, 1) if axis == "frame" else (geo.h * geo.w, 1)
+        groups = geo.h * geo.w if axis == "frame" else geo.frames
     elif axis == "frame":
         n_rows, per = geo.frames, geo.batch
     else:
@@ -1370,7 +1444,7 @@ def _plan_block(gm, b, axis: str, ratio: float, proto: Optional[_Proto], *, geo:
         main, d, lay, region = amap[proto.main], proto.dim, proto.lay, [amap[n] for n in proto.region]
         new_proto = proto
     else:
-        got = _analyze(gm, b, axis, axes, n_rows, per, merge_ffn)
+        got = _analyze(gm, b, axis, axes, n_rows, per, merge_ffn, placement, groups, geo)
         if isinstance(got, Reason):
             return None, got, _Proto(b, None, None, 0, None, list(b.nodes), got)
         main, d, lay, tr, tagged, region = got
@@ -1379,15 +1453,19 @@ def _plan_block(gm, b, axis: str, ratio: float, proto: Optional[_Proto], *, geo:
         reduced = tr.prove()
     except _Refuse as e:
         return None, Reason(e.code, e.message, subject), new_proto
-    w, why = _make_wrap(gm, b, axis, tr, main, d, lay, region, reduced, n_rows, kept, sp, text, fill)
+    w, why = _make_wrap(gm, b, axis, tr, main, d, lay, region, reduced, n_rows, kept, sp, text, fill, groups,
+                        placement)
     if w is None:
         return None, Reason(why[0], why[1], subject), new_proto
     return w, None, new_proto
 
 
-def _analyze(gm, b, axis, axes, n_rows: int, per: int, merge_ffn: bool):
+def _analyze(gm, b, axis, axes, n_rows: int, per: int, merge_ffn: bool, placement: str = "paper",
+             groups: int = 1, geo: Optional[Geometry] = None):
     """Find the block's main input and axis dim, tag side inputs, check the placement and cut
-    the feed-forward: (main, dim, layout, tracer, tagged, region) or a Reason."""
+    the feed-forward: (main, dim, layout, tracer, tagged, region) or a Reason.  ``groups > 1``
+    (swapped placement): the rows before the axis dim must be proved ``[batch, groups]``, batch
+    outer, so that one choice of rows per sample can be repeated over its ``groups`` rows."""
     subject = f"{b.name}:{axis}"
     nodes = list(b.nodes)
     outs = _outputs(nodes)
@@ -1404,7 +1482,8 @@ def _analyze(gm, b, axis, axes, n_rows: int, per: int, merge_ffn: bool):
     kept = axes[axis][1]
     found = []
     last_err = None
-    want_role = "seq" if axis == "token" else "batch"
+    layer = LAYERS[placement][axis]
+    want_role = "seq" if (axis == "token" or placement == "swapped") else "batch"
     cut = False
     for main, d in cands:
         region0 = _dependents(nodes, main)
@@ -1439,7 +1518,13 @@ def _analyze(gm, b, axis, axes, n_rows: int, per: int, merge_ffn: bool):
         if tr is None:
             last_err = err
             continue
-        found.append((main, d, lay, tr, tagged, _sdpa_role(tr), region0))
+        role = _sdpa_role(tr)
+        if groups > 1 and role == want_role:
+            why = _group_layout(gm, main, d, axis, groups, geo.batch)
+            if why is not None:
+                last_err = _Refuse(why.code, why.message)
+                continue
+        found.append((main, d, lay, tr, tagged, role, region0))
     if not found:
         e = last_err
         return Reason(e.code if e else "merge_trace_failed", e.message if e else "no consistent trace", subject)
@@ -1449,9 +1534,10 @@ def _analyze(gm, b, axis, axes, n_rows: int, per: int, merge_ffn: bool):
         if roles == {None}:
             return Reason("merge_placement", "no attention op in the block: cannot tell a spatial from a "
                           "temporal layer", subject)
-        layer = {"token": "spatial", "frame": "spatial", "block": "temporal"}[axis]
         got = "along" if "seq" in roles else "across"
-        return Reason("merge_placement", f"the {axis} cache wraps {layer} layers; attention here runs {got} "
+        how = (f" (merge_placement='swapped': the {axis} rows are this layer's attention sequence)"
+               if placement == "swapped" else "")
+        return Reason("merge_placement", f"the {axis} cache wraps {layer} layers{how}; attention here runs {got} "
                       "these rows", subject)
     if len(fitting) > 1:
         return Reason("merge_ambiguous_axis", "more than one dim of the block input could be the "
@@ -1471,7 +1557,8 @@ def _analyze(gm, b, axis, axes, n_rows: int, per: int, merge_ffn: bool):
     return main, d, lay, tr, tagged, region
 
 
-def _make_wrap(gm, b, axis, tr, main, d, lay, region, reduced, n_rows, kept, sp, text, fill):
+def _make_wrap(gm, b, axis, tr, main, d, lay, region, reduced, n_rows, kept, sp, text, fill, groups=1,
+               placement="paper"):
     """The Wrap record of a proved region, or (None, (code, message))."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     anchor = max([order[region[0]] - 1] + [order[t] for t in _externals(region)])
@@ -1479,6 +1566,8 @@ def _make_wrap(gm, b, axis, tr, main, d, lay, region, reduced, n_rows, kept, sp,
     if any(order[u] <= anchor for o in _outputs(region) for u in o.users if u not in rset):
         return None, ("merge_region", "a value the block reads is computed after a use of its output")
     sel = _pre_post(example_value(main).shape, d, lay, axis)[0]
+    if sel % groups:
+        return None, ("merge_batch_layout", f"{sel} row groups are not {groups} per sample")
     ext_r = _externals(region)
     sites = {}
     for t in ext_r:
@@ -1529,7 +1618,8 @@ def _make_wrap(gm, b, axis, tr, main, d, lay, region, reduced, n_rows, kept, sp,
     w = Wrap(block=b.name, axis=axis, region=[n.name for n in region], rows=n_rows, kept=kept, sel=sel,
              main=main.name, inputs=inputs, outputs=outputs, split=sp, split_text=text,
              templates={n.name: _to_refs(tr.templates[n]) for n in region},
-             reduced={n.name: reduced[n] for n in region}, sites=sites, device=mev.device, fill=fill)
+             reduced={n.name: reduced[n] for n in region}, sites=sites, device=mev.device, fill=fill,
+             groups=groups, placement=placement)
     return w, None
 
 
@@ -1603,7 +1693,7 @@ def _fake(shape, dtype, device):
 
 def state_specs(wraps: Sequence[Wrap]) -> list[tuple[str, tuple, torch.dtype]]:
     """(name, shape, dtype) of the state tensors of ``wraps``, in signature order."""
-    return [(f"{w.block}:{o.name}", o.shape, o.dtype) for w in wraps for o in w.outputs]
+    return [(f"{w.block}:{o.name}", o.shape, o.dtype) for w in wraps if w.fill != "interpolate" for o in w.outputs]
 
 
 def present_wraps(g: fx.GraphModule, plan: TokenPlan) -> list[Wrap]:
@@ -1631,7 +1721,7 @@ def apply_token_cache(g: fx.GraphModule, plan: TokenPlan, merged: bool) -> tuple
     states: list[list[fx.Node]] = []
     for w in present:
         st = []
-        for o in w.outputs:
+        for o in (w.outputs if w.fill != "interpolate" else []):
             if merged:
                 st.append(_add_placeholder(graph, f"omni_tok_{_safe(w.block)}_{o.name}",
                                            _fake(o.shape, o.dtype, w.device)))
@@ -1644,6 +1734,8 @@ def apply_token_cache(g: fx.GraphModule, plan: TokenPlan, merged: bool) -> tuple
             extra.extend(_rewrite_wrap(new, by_name, k, w, states[k], consts))
         elif w.fill == "output":
             extra.extend(by_name[o.name] for o in w.outputs)
+        elif w.fill == "interpolate":
+            pass          # no state: skipped rows come from this step's computed rows
         else:
             rn, i = w.sites[w.main]
             x = by_name[rn].all_input_nodes[i]
@@ -1689,6 +1781,8 @@ def _rewrite_wrap(gm: fx.GraphModule, by_name: dict, k: int, w: Wrap, caches: li
     main_in = next(t for t in w.inputs if t.name == w.main)
     mev = example_value(main)
     dt = mev.dtype if isinstance(mev, torch.Tensor) else torch.float32
+    G = w.groups
+    Ps = P // G                 # selections scored (one per sample when G > 1)
     order = {n: i for i, n in enumerate(graph.nodes)}
     at = region[0]
     last_ext = max(ext.values(), key=lambda n: order[n])
@@ -1696,13 +1790,38 @@ def _rewrite_wrap(gm: fx.GraphModule, by_name: dict, k: int, w: Wrap, caches: li
         at = last_ext.next     # a side value computed between the region's nodes
     with graph.inserting_before(at):
         x3 = call("reshape", (main, (main_in.pre, N, main_in.post)), (main_in.pre, N, main_in.post), dt, method=True)
+        xs = x3
+        if G > 1:   # swapped placement: score whole blocks / frames of a sample, [Ps, N, G * post]
+            x4 = call("reshape", (x3, (Ps, G, N, main_in.post)), (Ps, G, N, main_in.post), dt, method=True)
+            xt = call("transpose", (x4, 1, 2), (Ps, N, G, main_in.post), dt, method=True)
+            xs = call("reshape", (xt, (Ps, N, G * main_in.post)), (Ps, N, G * main_in.post), dt, method=True)
         src, dst, sg, dg = w.split
         s_n, d_n = buf("src", src), buf("dst", dst)
         sg_n = buf("src_group", sg) if sg is not None else None
         dg_n = buf("dst_group", dg) if dg is not None else None
-        topk = call(ops.similarity_topk.default, (x3, w.r, s_n, d_n, sg_n, dg_n))
-        keep = call(operator.getitem, (topk, 1), (P, K), torch.int64)
+        topk = call(ops.similarity_topk.default, (xs, w.r, s_n, d_n, sg_n, dg_n))
+        keep_s = call(operator.getitem, (topk, 1), (Ps, K), torch.int64)
+        keep = keep_s
+        if G > 1:   # the sample's choice, repeated over its G rows (batch outer, proved)
+            k3 = call("unsqueeze", (keep_s, 1), (Ps, 1, K), torch.int64, method=True)
+            k3 = call("expand", (k3, Ps, G, K), (Ps, G, K), torch.int64, method=True)
+            keep = call("reshape", (k3, (P, K)), (P, K), torch.int64, method=True)
         keep1 = call(operator.getitem, (keep, 0), (K,), torch.int64) if P == 1 else None
+        fill_idx = None
+        if w.fill == "interpolate":
+            skip_s = call(operator.getitem, (topk, 0), (Ps, w.r), torch.int64)
+            rg = None
+            if sg is not None:
+                table = [0] * N
+                for row, g in zip(src + dst, sg + dg):
+                    table[row] = g
+                rg = buf("row_group", table)
+            fi = call(interpolation_index, (xs, skip_s, keep_s, d_n, rg, dg_n), (Ps, N), torch.int64)
+            if G > 1:
+                f3 = call("unsqueeze", (fi, 1), (Ps, 1, N), torch.int64, method=True)
+                f3 = call("expand", (f3, Ps, G, N), (Ps, G, N), torch.int64, method=True)
+                fi = call("reshape", (f3, (P, N)), (P, N), torch.int64, method=True)
+            fill_idx = fi
         mapping: dict[str, fx.Node] = {}
         for t in w.inputs:
             node = ext[t.name]
@@ -1737,12 +1856,17 @@ def _rewrite_wrap(gm: fx.GraphModule, by_name: dict, k: int, w: Wrap, caches: li
             mapping[n.name] = c
         new_states = []
         tagged_out = {o.name for o in w.outputs}
-        for o, cache in zip(w.outputs, caches):
+        for j, o in enumerate(w.outputs):
             comp = mapping[o.name]
             if w.fill == "residual":   # rows of output - input, the input being the merged main stream
                 comp = call(operator.sub, (comp, mapping[w.main]), w.reduced[o.name].shape, o.dtype)
             o3 = call("reshape", (comp, (P, K, o.post)), (P, K, o.post), o.dtype, method=True)
-            c3 = call("reshape", (cache, (P, N, o.post)), (P, N, o.post), o.dtype, method=True)
+            if w.fill == "interpolate":   # every row from a computed one: itself, or its matched dst
+                u3 = call(ops.merge.default, (o3, fill_idx, 1), (P, N, o.post), o.dtype)
+                u = call("reshape", (u3, tuple(o.shape)), o.shape, o.dtype, method=True)
+                by_name[o.name].replace_all_uses_with(u, delete_user_cb=lambda user: user not in rset)
+                continue
+            c3 = call("reshape", (caches[j], (P, N, o.post)), (P, N, o.post), o.dtype, method=True)
             u3 = call(ops.unmerge.default, (o3, keep, c3), (P, N, o.post), o.dtype)
             u = call("reshape", (u3, tuple(o.shape)), o.shape, o.dtype, method=True)
             new_states.append(u)
@@ -1757,6 +1881,31 @@ def _rewrite_wrap(gm: fx.GraphModule, by_name: dict, k: int, w: Wrap, caches: li
             raise RuntimeError(f"omnicompile: {n.name} still has users after the token rewrite")
         graph.erase_node(n)
     return new_states
+
+
+def interpolation_index(x: torch.Tensor, skip_idx: torch.Tensor, keep_idx: torch.Tensor, dst_idx: torch.Tensor,
+                        row_group: Optional[torch.Tensor] = None,
+                        dst_group: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``merge_fill="interpolate"``: for each of the ``N`` rows of ``x [B, N, C]`` (the scored
+    view), the position in ``keep_idx [B, K]`` of the computed row it takes its value from —
+    itself when kept; for a skipped row (``skip_idx [B, r]``), the dst row it matches best
+    (highest cosine similarity, within its patch when ``row_group [N]`` / ``dst_group [D]``
+    are given; the first dst on ties): ToMe's unmerge-by-copy of the current step's output.
+    Dst rows are never skipped, so every row maps to a kept row.  Plain torch (traceable; the
+    ``r x D`` similarity matrix is materialised)."""
+    b, n, _ = x.shape
+    xf = x.double() if x.dtype == torch.float64 else x.float()
+    xn = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    xs = torch.gather(xn, 1, skip_idx.unsqueeze(-1).expand(b, skip_idx.shape[1], xn.shape[-1]))
+    sim = xs @ xn[:, dst_idx].transpose(1, 2)                        # [B, r, D]
+    if row_group is not None:
+        sim = sim.masked_fill(row_group[skip_idx].unsqueeze(-1) != dst_group, float("-inf"))
+    match = dst_idx[sim.argmax(dim=-1)]                              # [B, r] rows in [0, N)
+    k = keep_idx.shape[1]
+    pos = torch.zeros(b, n, dtype=torch.int64, device=x.device).scatter(
+        1, keep_idx, torch.arange(k, device=x.device).expand(b, k))
+    source = torch.arange(n, device=x.device).expand(b, n).scatter(1, skip_idx, match)
+    return torch.gather(pos, 1, source)
 
 
 def _materialize_refs(obj, mapping: dict, env: dict):

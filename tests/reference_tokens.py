@@ -7,11 +7,16 @@ indexed by the same rows (``merge_reference``: text/timestep rows repeated per f
 tables), runs the original block on them and writes its output rows into last step's output
 (``unmerge_reference``); without a held output (first call, after ``reset``) it runs the block
 in full.  ``fill="residual"`` keeps ``output - input`` instead and returns ``input + that``.
-The whole block is wrapped (the compiler's ``merge_ffn=True``).
+``fill="interpolate"`` keeps nothing: a skipped row gets this step's output of the dst row it
+matches best (cosine similarity, within its patch; ToMe's unmerge-by-copy), the first call of a
+generation still running in full.  The whole block is wrapped (the compiler's ``merge_ffn=True``).
 
 An *adapter* says, per model, how a block's rows are laid out:
 
 * ``rows(hidden) -> (P, N, Q)``: the view of the hidden states whose dim 1 is the merged axis;
+* optionally ``score(hidden) -> [Ps, N, Q']``: the rows scored, when one choice of rows serves
+  ``P / Ps`` consecutive rows of the ``(P, N, Q)`` view (the swapped placement: a sample's frames
+  in a spatial layer, its positions in a temporal one); default: the ``(P, N, Q)`` view;
 * ``gather(args, kwargs, take) -> (args, kwargs)``: the other arguments, gathered with
   ``take(tensor, dim, pre_rows, post_rows)`` which gathers ``tensor``'s dim ``dim`` laid out
   ``[pre_rows | P x N | post_rows]`` (``pre_rows`` text rows first, kept whole);
@@ -56,9 +61,14 @@ class TokenCacheReference:
                 result = orig(*a, **kw)
                 out, _ = self.adapter.split(result)
                 self.cache[key] = out - hidden if self.fill == "residual" else out
+                if self.fill == "interpolate":
+                    self.cache[key] = True        # nothing held: only "this slot has run"
                 return result
             x3 = hidden.reshape(p, n, q)
-            _, keep = similarity_topk_reference(x3, self.r, *self.split)
+            xs = self.adapter.score(hidden) if hasattr(self.adapter, "score") else x3
+            skip, keep_s = similarity_topk_reference(xs, self.r, *self.split)
+            share = p // xs.shape[0]                          # rows of the view per choice
+            keep = keep_s.repeat_interleave(share, dim=0)     # sample outer, its rows inner
             k = keep.shape[1]
 
             def take(t, dim, pre=0, post=0):
@@ -86,7 +96,15 @@ class TokenCacheReference:
             a, kw = _put_hidden(args2, kwargs2, hm)
             result = orig(*a, **kw)
             out_m, rebuild = self.adapter.split(result)
-            if self.fill == "residual":
+            if self.fill == "interpolate":
+                match = _matched_dst(xs, skip, *self.split)
+                source = torch.arange(n).repeat(xs.shape[0], 1)
+                for b in range(skip.shape[0]):
+                    source[b, skip[b]] = match[b]
+                source = source.repeat_interleave(share, dim=0)
+                full = unmerge_reference(out_m.reshape(p, k, q), keep, torch.zeros(p, n, q, dtype=out_m.dtype))
+                out = torch.stack([full[i, source[i]] for i in range(p)]).reshape(hidden.shape)
+            elif self.fill == "residual":
                 delta = unmerge_reference((out_m - hm).reshape(p, k, q), keep, held.reshape(p, n, q))
                 delta = delta.reshape(hidden.shape)
                 self.cache[key] = delta
@@ -97,6 +115,21 @@ class TokenCacheReference:
             self.merged_calls += 1
             return rebuild(out)
         return forward
+
+
+def _matched_dst(xs, skip, src_idx, dst_idx, src_group=None, dst_group=None):
+    """For each skipped row ``skip[b, j]``: the dst row of highest cosine similarity in sample
+    ``b`` of ``xs [Ps, N, Q]`` (only dst rows of its patch with groups; first in dst order on ties)."""
+    xn = torch.nn.functional.normalize(xs.float(), dim=-1, eps=1e-6)
+    match = torch.empty_like(skip)
+    for b in range(skip.shape[0]):
+        for j, row in enumerate(skip[b].tolist()):
+            cand = dst_idx
+            if src_group is not None:
+                g = src_group[(src_idx == row).nonzero()[0, 0]]
+                cand = dst_idx[dst_group == g]
+            match[b, j] = cand[int(torch.argmax(xn[b, cand] @ xn[b, row]))]
+    return match
 
 
 def _reduced(shape, p, n, k):
@@ -173,6 +206,50 @@ class LatteTemporalBlocks:
         args = list(args)
         args[3] = take(args[3], 0)
         return tuple(args), kwargs
+
+    def split(self, result):
+        return result, lambda out: out
+
+
+class LatteSpatialBlocks:
+    """Latte spatial block, block axis (``merge_placement="swapped"``, S2S): hidden [B*F, N, C];
+    positions scored whole over the sample's frames ([B, N, F*C]), the same positions skipped in
+    every frame; text states and the timestep table are per frame, not indexed by positions."""
+
+    def __init__(self, batch, frames):
+        self.b, self.f = batch, frames
+
+    def rows(self, h):
+        return h.shape[0], h.shape[1], h.shape[2]
+
+    def score(self, h):
+        n, c = h.shape[1], h.shape[2]
+        return h.reshape(self.b, self.f, n, c).transpose(1, 2).reshape(self.b, n, self.f * c)
+
+    def gather(self, args, kwargs, take):
+        return args, kwargs
+
+    def split(self, result):
+        return result, lambda out: out
+
+
+class LatteTemporalFrames:
+    """Latte temporal block, frame axis (``merge_placement="swapped"``, T2T): hidden [B*N, F, C];
+    frames scored whole over the sample's positions ([B, F, N*C]), the same frames skipped at
+    every position; the timestep table is per position, not indexed by frames."""
+
+    def __init__(self, batch, positions):
+        self.b, self.n = batch, positions
+
+    def rows(self, h):
+        return h.shape[0], h.shape[1], h.shape[2]
+
+    def score(self, h):
+        f, c = h.shape[1], h.shape[2]
+        return h.reshape(self.b, self.n, f, c).transpose(1, 2).reshape(self.b, f, self.n * c)
+
+    def gather(self, args, kwargs, take):
+        return args, kwargs
 
     def split(self, result):
         return result, lambda out: out

@@ -16,8 +16,8 @@ from omnicompile.passes.common import module_paths
 from omnicompile.report import Report
 
 from conftest import trace
-from reference_tokens import (DiTTokens, FluxTokens, LatteSpatialFrames, LatteTemporalBlocks, TokenCacheReference,
-                              WanTokens)
+from reference_tokens import (DiTTokens, FluxTokens, LatteSpatialBlocks, LatteSpatialFrames, LatteTemporalBlocks,
+                              LatteTemporalFrames, TokenCacheReference, WanTokens)
 
 torch.set_num_threads(1)
 STEPS = (1000.0, 750.0, 500.0, 250.0)
@@ -197,6 +197,62 @@ def test_flux_and_wan_token_cache_match_reference():
     assert _maxdiff(outs, ref) < 1e-5
 
 
+def _run_refs(model, kw, refs, steps=STEPS):
+    outs = []
+    try:
+        with torch.no_grad():
+            for t in steps:
+                outs.append(model(**testing.with_timestep(kw, t))[0])
+    finally:
+        for x in refs:
+            x.remove()
+    return outs
+
+
+@pytest.mark.parametrize("fill", ["output", "interpolate"])
+def test_latte_swapped_placement_matches_reference(fill):
+    """merge_placement="swapped" (the paper's S2S/T2T ablation): the block cache skips spatial
+    positions in the spatial layers, the frame cache skips frames in the temporal layers, each
+    scored per sample on whole positions / frames; the token cache is refused."""
+    model, kw = testing.tiny_latte(num_layers=3, frames=4, batch=2)
+    outs, oc = _compiled(model, kw, policy="none", token_ratio=0.5, frame_ratio=0.5, block_ratio=0.5,
+                         merge_ffn=True, merge_placement="swapped", merge_fill=fill)
+    g = oc.report().graphs[0]
+    assert {w["block"]: (w["axis"], w["placement"], w["selections"]) for w in g.token_cache["wrapped"]} == {
+        "transformer_blocks.1": ("block", "swapped", 2), "temporal_transformer_blocks.1": ("frame", "swapped", 2)}
+    assert {r.subject: r.code for r in g.refused}["token"] == "merge_placement"
+    assert g.token_cache["full_calls"] == 1 and g.token_cache["merged_calls"] == 3
+    refs = [TokenCacheReference([("s1", model.transformer_blocks[1])], LatteSpatialBlocks(2, 4), 8,
+                                K.token_split(4, 4), fill),
+            TokenCacheReference([("t1", model.temporal_transformer_blocks[1])], LatteTemporalFrames(2, 16), 2,
+                                K.frame_split(4), fill)]
+    outs_ref = _run_refs(model, kw, refs)
+    assert refs[0].merged_calls == 3 and refs[1].merged_calls == 3
+    assert _maxdiff(outs, outs_ref) < 1e-5
+
+
+def test_interpolate_fill_matches_reference():
+    """merge_fill="interpolate": a skipped row copies this step's output of its matched dst row
+    (within its patch with ``patch``); no state is held; the paper placement on Latte too."""
+    model, kw = testing.tiny_dit(num_layers=3)
+    outs, oc = _compiled(model, kw, policy="none", token_ratio=0.5, patch=2, merge_ffn=True, merge_fill="interpolate")
+    ref, r = _reference(model, kw, [("b1", model.transformer_blocks[1])], DiTTokens(), 8,
+                        K.token_split(4, 4, patch=2), fill="interpolate")
+    assert r.merged_calls == 3
+    assert _maxdiff(outs, ref) < 1e-5
+    g = oc.report().graphs[0]
+    assert (g.token_cache["full_calls"], g.token_cache["merged_calls"]) == (1, 3) and g.cache_bytes == 0
+    torch._dynamo.reset()
+    model, kw = testing.tiny_latte(num_layers=3, frames=4, batch=2)
+    outs, _ = _compiled(model, kw, policy="none", frame_ratio=0.5, block_ratio=0.5, merge_ffn=True,
+                        merge_fill="interpolate")
+    refs = [TokenCacheReference([("s1", model.transformer_blocks[1])], LatteSpatialFrames(2, 4), 2, K.frame_split(4),
+                                "interpolate"),
+            TokenCacheReference([("t1", model.temporal_transformer_blocks[1])], LatteTemporalBlocks(2, 16), 8,
+                                K.token_split(4, 4), "interpolate")]
+    assert _maxdiff(outs, _run_refs(model, kw, refs)) < 1e-5
+
+
 # ----------------------------------------------------------------------------- graph-level properties
 
 
@@ -233,6 +289,41 @@ def test_latte_placement_and_frame_cache_exact_with_this_steps_cache():
     assert {"omnicompile.similarity_topk.default", "omnicompile.merge.default",
             "omnicompile.unmerge.default"} <= targets
     assert not any("omnicompile" in str(x.target) for x in full.graph.nodes)
+
+
+def test_swapped_placement_graph_properties():
+    """Swapped on Latte (merge_ffn=False): no longer exact with this step's cache (spatial
+    attention mixes the positions it skips, temporal attention the frames); interpolate holds
+    no state and every skipped row is a copy of a computed row.  Swapped on an image model:
+    every cache refused with merge_placement."""
+    model, kw = testing.tiny_latte(num_layers=3, frames=4)
+    gm, ex = trace(model, kw)
+    plan = T.plan_token_cache(gm, find_blocks(gm), frame_ratio=0.5, block_ratio=0.5, placement="swapped")
+    assert {w.block: (w.axis, w.groups) for w in plan.wraps} == {"transformer_blocks.1": ("block", 4),
+                                                                 "temporal_transformer_blocks.1": ("frame", 16)}
+    codes = {r.subject: r.code for r in plan.refused}
+    assert codes["transformer_blocks.1:frame"] == "merge_placement"       # B = 1: dim 0 is the frames
+    full, present, _ = T.apply_token_cache(gm, plan, merged=False)
+    merged, _, consts = T.apply_token_cache(gm, plan, merged=True)
+    with torch.no_grad():
+        f = full(*ex)
+        n = len(f) - len(T.state_specs(present))
+        m = merged(*ex, *f[n:], *consts)
+    assert (m[0] - f[0]).abs().max() > 1e-4
+    plan_i = T.plan_token_cache(gm, find_blocks(gm), block_ratio=0.5, placement="swapped", fill="interpolate")
+    w, = plan_i.wraps
+    assert T.state_specs(plan_i.wraps) == []
+    full, present, _ = T.apply_token_cache(gm, plan_i, merged=False)
+    merged, _, consts = T.apply_token_cache(gm, plan_i, merged=True)
+    assert sum(x.target is T.interpolation_index for x in merged.graph.nodes) == 1
+    with torch.no_grad():
+        f, m = full(*ex), merged(*ex, *consts)          # no state in, none out
+    assert len(f) == len(m) == len(gm(*ex)) and (m[0] - f[0]).abs().max() > 1e-4
+    dit, dkw = testing.tiny_dit(num_layers=3)
+    gm, _ = trace(dit, dkw)
+    plan = T.plan_token_cache(gm, find_blocks(gm), token_ratio=0.5, frame_ratio=0.5, placement="swapped")
+    codes = {r.subject: r.code for r in plan.refused}
+    assert not plan.wraps and codes["token"] == codes["frame"] == "merge_placement"
 
 
 def test_merge_ffn_false_runs_the_feed_forward_on_every_row():
@@ -288,11 +379,18 @@ def test_not_a_video_model_and_nothing_wrapped_fall_back_with_reasons():
 
 @pytest.mark.parametrize("field,value", [("token_ratio", 1.0), ("frame_ratio", -0.1), ("block_ratio", "x"),
                                          ("patch", 0), ("merge_ffn", 1), ("merge_exclude", -1),
-                                         ("merge_fill", "average")])
+                                         ("merge_fill", "average"), ("merge_placement", "s2s"),
+                                         ("merge_placement", None)])
 def test_config_validation(field, value):
     with pytest.raises(ConfigError) as e:
         omnicompile.OmniCache(**{field: value})
     assert field in str(e.value)
+
+
+def test_config_accepts_the_ablation_values():
+    cfg = omnicompile.OmniCache(merge_placement="swapped", merge_fill="interpolate", frame_ratio=0.3).config
+    assert (cfg.merge_placement, cfg.merge_fill) == ("swapped", "interpolate")
+    assert omnicompile.OmniCache().config.merge_placement == "paper"
 
 
 def test_report_markdown_lists_wrapped_blocks():
