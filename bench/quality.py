@@ -109,13 +109,14 @@ OMNI_FAMILIES = {
     "late-only-corr": "omnicompile late-only schedule, corrected",
     "trajectory-band": "omnicompile trajectory, band-limited correction",
     "layered": "omnicompile layered (per block and step)",
+    "token": "omnicompile token cache",
     "overhead": "omnicompile probe, never reuse (overhead)",
 }
 
 GROUPS = {
     "baselines": ["eager", "compiled"],
     "omnicompile": ["static", "probe", "probe-fbc", "overhead", "trajectory", "trajectory-nocorr", "late-only",
-                    "late-only-corr", "trajectory-band", "layered"],
+                    "late-only-corr", "trajectory-band", "layered", "token"],
     "peers": ["peers-compiled", "peers-eager"],
 }
 
@@ -204,6 +205,13 @@ def omni_settings(args) -> list[MethodSpec]:
             s.append(MethodSpec(f"layered s_r={sr:g}{tag}", fam("layered"), "omnicompile", True,
                                 dict(policy="layered", calibrate=cal, target_speedup=sr,
                                      cache_interval=args.layered_interval)))
+    if "token" in fams:
+        for r in args.token_ratios:
+            s.append(MethodSpec(f"token r={r:g}", fam("token"), "omnicompile", True,
+                                dict(policy="none", token_ratio=r, merge_ffn=True)))
+        s.append(MethodSpec(f"token r={args.token_ratios[0]:g} + static i=2", fam("token"), "omnicompile", True,
+                            dict(policy="static", interval=2, warmup=2, token_ratio=args.token_ratios[0],
+                                 merge_ffn=True)))
     return s
 
 
@@ -818,6 +826,9 @@ def parse_args(argv=None):
                    default=[(0.0, 0.5), (0.5, 1.0)],
                    help="correction bands of the trajectory-band rows, 'lo-hi;lo-hi' (fractions of the highest "
                         "spatial frequency of the 8x8 token grid)")
+    p.add_argument("--token-ratios", type=floats, default=[0.25, 0.5],
+                   help="token cache ratios (policy none, merge_ffn=True: Flux's single blocks run the MLP "
+                        "beside the attention)")
     p.add_argument("--layered-targets", type=floats, default=[1.5, 2.0, 2.5, 3.0],
                    help="target speedups s_r of the layered policy")
     p.add_argument("--layered-interval", type=int, default=5, help="the layered policy's caching interval N")
@@ -840,7 +851,7 @@ def parse_args(argv=None):
                    help="do not run: rebuild the table, plot and RESULTS.md block from a saved JSON")
     args = p.parse_args(argv)
     keys = ("methods", "samples_per_class", "steps", "guidance", "cfg", "seed", "repeats", "warmup", "threads",
-            "inner_backend", "probe_thresholds", "fbc_thresholds", "static_intervals", "budgets", "late_budgets", "bands",
+            "inner_backend", "probe_thresholds", "fbc_thresholds", "static_intervals", "budgets", "late_budgets", "bands", "token_ratios",
             "layered_targets", "layered_interval", "layered_profile", "max_settings", "quick")
     default_grid = all(getattr(args, k) == p.get_default(k) for k in keys)
     if args.plot is None:

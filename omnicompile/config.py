@@ -74,6 +74,11 @@ class OmniCacheConfig:
     #: output's token grid: (lo, hi) as fractions of the highest frequency, e.g. (0, 0.5) =
     #: low frequencies only; None = the whole correction
     correction_band: Optional[tuple] = None
+    #: trajectory: how the measured noise q is scaled on a reuse step: "scaled" (gamma * k / d:
+    #: q was measured with a residual d steps stale, this reuse's is k steps stale), "chain"
+    #: (k-th step of a run: sum_j prod gamma, ignoring d), "hold" (the run's first gamma on every
+    #: step), "first" (only a run's first step is corrected) — the last three for ablations
+    run_correction: str = "scaled"
     #: probe (DiCache): reuse while the accumulated error stays below this (DiCache's
     #: Flux default for error="delta_y")
     threshold: float = 0.4
@@ -118,6 +123,14 @@ class OmniCacheConfig:
     #: block cache in temporal ones) or "swapped" (the paper's S2S/T2T ablation: frame cache in
     #: temporal layers, block cache in spatial ones; the token cache is refused)
     merge_placement: str = "paper"
+    #: token / frame / block caches: the src/dst split changes from step to step (the dst
+    #: position in each 2x2 cell, the dst frame parity, cycle with the call index), so no row
+    #: is src at every step and none keeps step 0's value for the whole generation
+    merge_rotate: bool = True
+    #: token / frame / block caches: every N-th call of a generation (k % N == 0; the step index
+    #: with policy "none", computed steps with a step policy) runs the full graph, refreshing
+    #: every cached row; None = only the first call
+    merge_refresh: Optional[int] = None
 
     def __post_init__(self):
         from omnicompile.policies import POLICIES  # registry is filled at import time
@@ -159,6 +172,7 @@ class OmniCacheConfig:
             _check_type("max_run", self.max_run, int)
             if self.max_run < 1:
                 raise ConfigError("max_run", self.max_run, "must be an integer >= 1 or None (unbounded)")
+        _check_choice("run_correction", self.run_correction, ("scaled", "chain", "hold", "first"))
         if self.correction_band is not None:
             band = self.correction_band
             if (not isinstance(band, (tuple, list)) or len(band) != 2
@@ -198,6 +212,14 @@ class OmniCacheConfig:
             raise ConfigError("merge_exclude", self.merge_exclude, "must be an integer >= 0")
         _check_choice("merge_fill", self.merge_fill, ("output", "residual", "interpolate"))
         _check_choice("merge_placement", self.merge_placement, ("paper", "swapped"))
+        if not isinstance(self.merge_rotate, bool):
+            raise ConfigError("merge_rotate", self.merge_rotate, "must be True or False")
+        if self.merge_refresh is not None:
+            _check_type("merge_refresh", self.merge_refresh, int)
+            if self.merge_refresh < 1:
+                raise ConfigError("merge_refresh", self.merge_refresh,
+                                  "must be None (only the first call is full) or an integer >= 1 (a full call "
+                                  "every N calls)")
         _check_choice("guard", self.guard, GUARDS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if self.dump_dir is not None:

@@ -382,8 +382,19 @@ class TrajectoryRuntime(_RuntimeBase):
         if reuse:
             if self._fn_corrected is not None and "q" in st:
                 # k-th reuse of a run, residual k steps stale: q_hat = sum_j prod_{i<=j} gamma_i * q
-                st["prod"] = st.get("prod", 1.0) * self._gammas[step]
-                st["coef"] = coef = st.get("coef", 0.0) + st["prod"]
+                mode = self.config.run_correction
+                k = st.get("k", 0) + 1
+                st["k"] = k
+                if mode == "scaled":
+                    # q was measured with a residual d steps stale; this reuse's is k steps stale:
+                    # the noise grows about linearly with the staleness
+                    st["coef"] = self._gammas[step - k + 1] * k / st.get("d", 1)
+                elif k == 1 or mode == "chain":
+                    st["prod"] = st.get("prod", 1.0) * self._gammas[step]
+                    st["coef"] = st.get("coef", 0.0) + st["prod"]
+                elif mode == "first":
+                    st["coef"] = 0.0
+                coef = st["coef"]           # mode "hold": the first step's coefficient
                 self.gamma.fill_(coef)
                 outs = call_compiled(self._fn_corrected, list(args) + st["res"] + [self.gamma] + st["q"])
             else:
@@ -395,12 +406,15 @@ class TrajectoryRuntime(_RuntimeBase):
             st["res"] = [r.contiguous() for r in outs[self.n_out:k]]
             qs = outs[k:] if self._band is None else [f(q) for f, q in zip(self._band, outs[k:])]
             st["q"] = [q.contiguous() for q in qs]
-            st["prod"], st["coef"] = 1.0, 0.0
+            st["prod"], st["coef"], st["k"] = 1.0, 0.0, 0
+            st["d"] = max(1, step - st.get("res_step", step - 1))
+            st["res_step"] = step
         else:
             outs = call_compiled(self._fn_compute, list(args))
             st["res"] = [r.contiguous() for r in outs[self.n_out:]]
             st.pop("q", None)
-            st["prod"], st["coef"] = 1.0, 0.0
+            st["prod"], st["coef"], st["k"] = 1.0, 0.0, 0
+            st["res_step"] = step
         if self.calibrating and slot == 0:
             q = st.get("q") if measure else None
             self._recorder.step(args[self.latent_index], outs[self.out_float[0]], q[0] if q else None)

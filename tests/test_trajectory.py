@@ -34,14 +34,16 @@ def ref_band(q, lo, hi):
     return torch.fft.ifft2(torch.fft.fft2(grid, dim=(1, 2)) * mask, dim=(1, 2)).real.reshape(b, n, c)
 
 
-def reference_sampler(model, kw, uncond, schedule, gammas, correction, band=None):
+def reference_sampler(model, kw, uncond, schedule, gammas, correction, band=None, mode="scaled"):
     """Reuse the cached residuals at `schedule`; on a computed step followed by a reuse,
-    also run the reuse path (old residuals) to measure q = out_reuse - out (band-limited
-    with `band`); at the k-th reuse step of a run starting at s subtract
-    (g_s + g_s g_{s+1} + ... + g_s...g_{s+k-1}) * q."""
+    also run the reuse path (old residuals, d steps stale) to measure q = out_reuse - out
+    (band-limited with `band`); at the k-th reuse step of a run starting at s subtract
+    g_s * k / d * q ("scaled") or (g_s + g_s g_{s+1} + ... + g_s...g_{s+k-1}) * q ("chain")."""
     cache = FluxResidualCache(model)
     q = {}
     run = {}
+    stale = {}
+    last = {}
     where = {}
 
     def on_call(i, slot):
@@ -54,10 +56,14 @@ def reference_sampler(model, kw, uncond, schedule, gammas, correction, band=None
             cache.begin(i, slot, True)
             out = model(**k)[0]
             if correction and slot in q:
-                prod, coef = run.get(slot, (1.0, 0.0))
-                prod *= gammas[i]
-                coef += prod
-                run[slot] = (prod, coef)
+                prod, coef, k = run.get(slot, (1.0, 0.0, 0))
+                k += 1
+                if mode == "scaled":
+                    coef = gammas[i - k + 1] * k / stale[slot]
+                else:
+                    prod *= gammas[i]
+                    coef += prod
+                run[slot] = (prod, coef, k)
                 out = out - coef * q[slot]
             return (out,)
         run.pop(slot, None)
@@ -69,8 +75,10 @@ def reference_sampler(model, kw, uncond, schedule, gammas, correction, band=None
         out = model(**k)[0]
         if measure:
             q[slot] = alt - out if band is None else ref_band(alt - out, *band)
+            stale[slot] = i - last[slot]
         else:
             q.pop(slot, None)
+        last[slot] = i
         return (out,)
 
     with cache:
@@ -100,12 +108,13 @@ def test_trajectory_matches_reference_sampler(correction):
     assert reused == rt.schedule
 
 
-@pytest.mark.parametrize("max_run, band", [(2, None), (3, (0.0, 0.5)), (None, (0.5, 1.0))])
-def test_runs_and_band_match_reference_sampler(max_run, band):
-    """Runs of consecutive reuses chain the correction; the band filter keeps part of q."""
+@pytest.mark.parametrize("max_run, band, mode", [(2, None, "scaled"), (2, None, "chain"),
+                                                 (3, (0.0, 0.5), "scaled"), (None, (0.5, 1.0), "chain")])
+def test_runs_and_band_match_reference_sampler(max_run, band, mode):
+    """Runs of consecutive reuses scale (or chain) the correction; the band filter keeps part of q."""
     model, kw, uncond = _setup()          # 16 image tokens: a 4x4 grid
     oc = OmniCache(policy="trajectory", budget=0.6, max_run=max_run, min_gap=2, correction_band=band,
-                   calibrate=None, inner_backend="eager")
+                   run_correction=mode, calibrate=None, inner_backend="eager")
     fn = torch.compile(model, backend=oc, fullgraph=True)
     oc.calibrate(lambda: sample(fn, kw, uncond, steps=STEPS))
     rt = oc.runtimes[0]
@@ -116,10 +125,13 @@ def test_runs_and_band_match_reference_sampler(max_run, band):
         runs[-1:] = [runs[-1] + 1] if b == a + 1 else [runs[-1], 1]
     assert len(rt.schedule) == int(0.6 * STEPS) and max(runs) > 1
     assert max_run is None or max(runs) <= max_run
-    want = reference_sampler(model, kw, uncond, set(rt.schedule), rt._gammas, True, band)
+    want = reference_sampler(model, kw, uncond, set(rt.schedule), rt._gammas, True, band, mode)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    gammas = [r.signals["gamma"] for r in oc.report().graphs[0].steps if r.generation == 1 and r.signals]
-    assert max(gammas) > max(rt._gammas)   # a chained coefficient exceeds every single gamma
+    coefs = [r.signals["gamma"] for r in oc.report().graphs[0].steps if r.generation == 1 and r.signals]
+    if mode == "chain":
+        assert max(coefs) > max(rt._gammas)   # a chained coefficient exceeds every single gamma
+    else:
+        assert min(coefs) < min(rt._gammas)   # q measured 2+ steps stale is scaled down
 
 
 def test_explicit_reuse_steps_are_corrected():
@@ -209,7 +221,8 @@ def test_presets_and_policy_errors():
                           ({"min_gap": 0}, "min_gap"), ({"guard": "cond"}, "guard"), ({"max_run": 0}, "max_run"),
                           ({"max_run": 1.5}, "max_run"), ({"correction_band": (0.5, 0.2)}, "correction_band"),
                           ({"correction_band": (0, 2)}, "correction_band"),
-                          ({"correction_band": "low"}, "correction_band")]:
+                          ({"correction_band": "low"}, "correction_band"),
+                          ({"run_correction": "sum"}, "run_correction")]:
         with pytest.raises(ConfigError) as e:
             OmniCache(policy="trajectory", **fields)
         assert e.value.field == field
