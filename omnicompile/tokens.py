@@ -16,9 +16,17 @@ keeps the same full-then-merged schedule).  Generations and slots come from the 
 :class:`~omnicompile.runtime.StepTracker` (``bind``); with no step policy
 (``policy="none"``, or no cacheable span) :class:`TokenRuntime` tracks steps itself.
 
+Rotation and refresh: :class:`TokenState` counts the calls of each slot in a generation
+(``k``; the step index with no step policy — a step policy's reused steps call a graph
+without the regions and are not counted, so both advance on computed steps).  The merged
+graph takes the split index tensors as inputs; with ``merge_rotate`` the callable passes the
+set of phase ``k % phases`` (precomputed on the host, one merged graph for all phases).  With
+``merge_refresh=N`` a call with ``k % N == 0`` runs the full graph and re-seeds the state.
+
 Regions inside ``torch.cond`` branches (``guard="cond"``, the probe policy's guarded blocks)
 are not visible to the rewrite and run unmerged; the report says so.  No host sync is added:
-``r`` is a compile-time constant, the rows are chosen on the device.
+``r`` is a compile-time constant, the rows are chosen on the device, the phase and the
+refresh are host integers.
 """
 from __future__ import annotations
 
@@ -41,9 +49,12 @@ def token_cache_enabled(cfg) -> bool:
 
 
 def plan_for_config(gm: fx.GraphModule, blocks, cfg) -> TokenPlan:
-    return plan_token_cache(gm, blocks, token_ratio=cfg.token_ratio, frame_ratio=cfg.frame_ratio,
+    plan = plan_token_cache(gm, blocks, token_ratio=cfg.token_ratio, frame_ratio=cfg.frame_ratio,
                             block_ratio=cfg.block_ratio, patch=cfg.patch, merge_ffn=cfg.merge_ffn,
-                            exclude=cfg.merge_exclude, fill=cfg.merge_fill, placement=cfg.merge_placement)
+                            exclude=cfg.merge_exclude, fill=cfg.merge_fill, placement=cfg.merge_placement,
+                            rotate=cfg.merge_rotate)
+    plan.refresh = cfg.merge_refresh
+    return plan
 
 
 class TokenState:
@@ -56,10 +67,11 @@ class TokenState:
         self.tracker = None
         self._generation = None
         self.slots: dict[int, dict[str, torch.Tensor]] = {}
+        self.calls: dict[int, int] = {}      # per slot: calls so far in this generation
         tc = report.token_cache
         tc.update({"geometry": plan.geometry.describe() if plan.geometry else None,
                    "wrapped": [w.describe() for w in plan.wraps], "merged_calls": 0, "full_calls": 0,
-                   "flops_saved": 0, "unmerged_graphs": 0})
+                   "refresh_calls": 0, "refresh": plan.refresh, "flops_saved": 0, "unmerged_graphs": 0})
 
     def bind(self, tracker) -> None:
         self.tracker = tracker
@@ -70,7 +82,18 @@ class TokenState:
         if gen != self._generation:
             self._generation = gen
             self.slots.clear()
+            self.calls.clear()
         return self.slots.setdefault(slot, {})
+
+    def tick(self) -> int:
+        """The index of this call among its slot's calls in the generation (then counts it):
+        the step index with no step policy; a step policy's reused steps are not counted (they
+        call a graph without the regions), so rotation and refresh advance on computed steps."""
+        self._slot()
+        slot = self.tracker.slot if self.tracker is not None else 0
+        k = self.calls.get(slot, 0)
+        self.calls[slot] = k + 1
+        return k
 
     def lookup(self, keys: list[str]) -> Optional[list[torch.Tensor]]:
         st = self._slot()
@@ -88,6 +111,7 @@ class TokenState:
 
     def reset(self) -> None:
         self.slots.clear()
+        self.calls.clear()
 
 
 class TokenCompiler:
@@ -139,6 +163,7 @@ class TokenCallable:
         self.full_graph = full
         self.merged_graph: Optional[fx.GraphModule] = None
         self.consts: list[torch.Tensor] = []
+        self.phases: list[list[torch.Tensor]] = []     # split index tensors per rotation phase
         self._full = compiler.inner(full, example_inputs)
         self._merged = None
 
@@ -148,7 +173,8 @@ class TokenCallable:
 
     def merged(self):
         if self._merged is None:
-            self.merged_graph, _, self.consts = apply_token_cache(self.g, self.compiler.plan, merged=True)
+            self.merged_graph, _, self.consts = apply_token_cache(self.g, self.compiler.plan, merged=True,
+                                                                  phases=self.phases)
             self._merged = self.compiler.inner(self.merged_graph,
                                                self.example_inputs + self._state_examples() + self.consts)
         return self._merged
@@ -156,15 +182,20 @@ class TokenCallable:
     def __call__(self, *args):
         state = self.compiler.state
         tc = state.report.token_cache
+        k = state.tick()
         prev = state.lookup(self.keys + self.marks)
         if prev is not None:
             prev = prev[:len(self.keys)]
+        refresh = self.compiler.plan.refresh
+        if prev is not None and refresh is not None and k % refresh == 0:
+            prev = None                       # merge_refresh: a full call refreshes every row
+            tc["refresh_calls"] += 1
         if prev is None:
             outs = call_compiled(self._full, list(args))
             tc["full_calls"] += 1
         else:
             fn = self.merged()
-            outs = call_compiled(fn, list(args) + prev + self.consts)
+            outs = call_compiled(fn, list(args) + prev + self.phases[k % len(self.phases)])
             tc["merged_calls"] += 1
             tc["flops_saved"] += self.saved
         n = len(self.keys)

@@ -35,6 +35,27 @@ only the residual stream carries merged rows on).  With ``N`` rows on the axis a
 The first call of a generation (or after ``reset``) runs the *full* variant: nothing merged,
 the state tensors are the region outputs themselves.
 
+Staleness: rotation and refresh.  With a fixed split a src row similar to its dst (background)
+is skipped at every step and keeps its value from the full first call — pure-noise features —
+for the whole generation.  With ``rotate`` (``merge_rotate``) a wrap holds one split per phase
+(``Wrap.splits``): the dst position in each 2x2 cell cycles through offsets 0, 3, 1, 2
+(``ROTATION``; the frame axis alternates the dst parity, the packed 1-D axis cycles 0, 2, 1, 3),
+so every row is dst — computed — at least once every 4 (frames: 2) calls.  All phases have one
+shape (phases whose lists differ in length, e.g. the odd parity of an odd frame count, are
+dropped), so one merged graph serves them: the split index tensors are graph inputs and the
+host passes the phase's set (``apply_token_cache(..., phases=[])``), no host sync.  The runtime
+counts the calls of a slot in a generation (``k``, 0 = the full first call: the step index with
+no step policy, computed steps with one) and uses phase ``k % lcm(phases)``; with
+``merge_refresh=N`` the calls with ``k % N == 0`` run the full variant and re-seed every row.
+Measured on the shipped Latte model (``bench/video_bench.py``, 20 steps, batched CFG, PSNR vs
+uncached, fixed split -> rotated -> rotated + refresh 2, fill output / residual): token 0.25
+17.5 -> 24.4 -> 29.8 / 21.1 -> 24.5 -> 30.1 dB; frame 0.3 19.5 -> 36.2 -> 38.8 / 22.5 -> 40.2
+-> 43.3 dB; block 0.4 15.6 -> 30.4 -> 39.3 / 28.0 -> 41.5 -> 46.9 dB; the fixed split also
+loses frame accuracy (0.86 / 0.97 / 0.69 with fill output), every rotated row keeps 1.00.
+Hence ``merge_rotate=True`` by default.  A refresh every N calls gives back 1/N of the savings,
+and at equal FLOPs a lower ratio does better (all three caches, fill residual: 0.25 41.2 dB vs
+0.5 + refresh 2 40.5 dB, both 0.95 of the FLOPs), so ``merge_refresh`` defaults to None.
+
 Re-specialisation and its proof.  Dynamo's graph bakes concrete sizes into its arguments.
 The tracer interprets the region under a ``FakeTensorMode`` with a ``ShapeEnv`` in which the
 axis size is a symbol (hint: the reduced size), so every node's shape is a sympy expression.
@@ -125,7 +146,7 @@ AXES = ("token", "frame", "block")
 #: ``merge_placement``: "paper" (S2T/T2S) or "swapped" (the paper's S2S/T2T ablation)
 PLACEMENTS = ("paper", "swapped")
 #: ``merge_fill``: where a skipped row's value comes from
-FILLS = ("output", "residual", "interpolate")
+FILLS = ("auto", "output", "residual", "interpolate")
 #: the layer type each cache wraps, per placement (None: no such placement)
 LAYERS = {"paper": {"token": "spatial", "frame": "spatial", "block": "temporal"},
           "swapped": {"token": None, "frame": "temporal", "block": "spatial"}}
@@ -1031,6 +1052,7 @@ class Wrap:
     inputs: list[TaggedInput]
     outputs: list[TaggedOutput]
     split: tuple               # (src, dst, src_group, dst_group) as lists (None where absent)
+    splits: list               # one split per rotation phase (merge_rotate), splits[0] == split
     split_text: str
     templates: dict            # region node name -> (args, kwargs) with _Ref / _Size
     reduced: dict              # region node name -> fake value at the reduced size
@@ -1053,7 +1075,7 @@ class Wrap:
     def describe(self) -> dict:
         return {"block": self.block, "axis": self.axis, "fill": self.fill, "placement": self.placement,
                 "rows": self.rows, "skipped": self.r, "selections": self.sel // self.groups,
-                "split": self.split_text, "region_nodes": len(self.region),
+                "split": self.split_text, "phases": len(self.splits), "region_nodes": len(self.region),
                 "inputs": [f"{t.name}[{t.dim}]={t.layout}" for t in self.inputs],
                 "outputs": [f"{o.name}[{o.dim}]" for o in self.outputs],
                 "flops_full": self.flops_full, "flops_merged": self.flops_merged}
@@ -1064,10 +1086,13 @@ class TokenPlan:
     wraps: list[Wrap]
     refused: list[Reason]
     geometry: Optional[Geometry]
+    #: ``merge_refresh``: every N-th call of a slot in a generation runs the full graph (the
+    #: runtime's choice, carried here; None = only the first call)
+    refresh: Optional[int] = None
 
     def describe(self) -> dict:
         return {"geometry": self.geometry.describe() if self.geometry else None,
-                "wrapped": [w.describe() for w in self.wraps]}
+                "wrapped": [w.describe() for w in self.wraps], "refresh": self.refresh}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1308,31 +1333,59 @@ def _group_layout(gm: fx.GraphModule, main: fx.Node, d: int, axis: str, groups: 
     return None
 
 
-def _split_for(axis: str, geo: Geometry, n_rows: int, patch: Optional[int]) -> tuple:
+#: ``merge_rotate``: the dst position cycled through, per step, in each ``2x2`` cell (row-major
+#: offsets: diagonal first, so two consecutive steps differ in both coordinates), along every
+#: other frame, and in each run of 4 rows of a packed (1-D) axis
+ROTATION = {"cell": (0, 3, 1, 2), "frame": (0, 1), "packed": (0, 2, 1, 3)}
+
+
+def _split_for(axis: str, geo: Geometry, n_rows: int, patch: Optional[int], rotate: bool = False) -> tuple:
+    """(splits, text): the src/dst splits of the axis, one per rotation phase (one without
+    ``rotate``), each ``(src, dst, src_group, dst_group)`` as lists.  Phases whose lists are not
+    as long as phase 0's (a dst offset past the last row of an odd count) are left out, so every
+    phase fits the same compiled graph."""
     from omnicompile import kernels as K
 
     if axis == "frame":
-        sp = K.frame_split(n_rows, stride=2, device="cpu")
+        make, kind = (lambda o: K.frame_split(n_rows, stride=2, offset=o, device="cpu")), "frame"
         text = "every other frame is dst" + (" (patch ignored: frames are matched whole)" if patch else "")
     elif geo.kind == "packed":
-        sp = K.frame_split(n_rows, stride=4, device="cpu")
+        make, kind = (lambda o: K.frame_split(n_rows, stride=4, offset=o, device="cpu")), "packed"
         text = "1-D: one dst per 4 rows (no patch grid in the graph)" + (" (patch ignored)" if patch else "")
     else:
         h, w = (geo.frames * geo.h, geo.w) if (axis == "token" and geo.kind == "joint") else (geo.h, geo.w)
-        sp = K.token_split(h, w, cell=2, patch=patch, device="cpu")
+        make, kind = (lambda o: K.token_split(h, w, cell=2, offset=o, patch=patch, device="cpu")), "cell"
         text = f"one dst per 2x2 cell of the {h}x{w} grid" + (f", matched within {patch}x{patch} patches" if patch else "")
-    return tuple(None if t is None else t.tolist() for t in sp), text
+    offsets = ROTATION[kind] if rotate else (0,)
+    splits = []
+    for o in offsets:
+        try:
+            sp = make(o)
+        except ValueError:
+            if o == 0:
+                raise
+            continue        # e.g. fewer rows than the stride: no such dst offset
+        sp = tuple(None if t is None else t.tolist() for t in sp)
+        if splits and any((a is None) != (b is None) or (a is not None and len(a) != len(b))
+                          for a, b in zip(sp, splits[0])):
+            continue
+        splits.append(sp)
+    if len(splits) > 1:
+        text += f", dst rotated over {len(splits)} offsets"
+    return splits, text
 
 
 def plan_token_cache(gm: fx.GraphModule, blocks, *, token_ratio: float = 0.0, frame_ratio: float = 0.0,
                      block_ratio: float = 0.0, patch: Optional[int] = None, merge_ffn: bool = False,
-                     exclude: int = 1, fill: str = "output", placement: str = "paper") -> TokenPlan:
+                     exclude: int = 1, fill: str = "output", placement: str = "paper",
+                     rotate: bool = False) -> TokenPlan:
     """Decide and prove which regions the token / frame / block caches wrap (module docstring).
 
     ``blocks`` is :func:`~omnicompile.passes.blocks.find_blocks`' analysis.  Pure: reads
     ``gm``, writes nothing on it.  One region per block: where two axes fit a block, the first
     of frame, block, token wins.  ``placement`` and ``fill``: see "Ablations" in the module
-    docstring.
+    docstring; ``rotate`` (``merge_rotate``; off here, on in the config): one split per
+    rotation phase, see "Staleness" there.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
@@ -1361,7 +1414,7 @@ def plan_token_cache(gm: fx.GraphModule, blocks, *, token_ratio: float = 0.0, fr
                                   f"{LAYERS[placement][axis]} layers of a video model"
                                   + (" (merge_placement='swapped')" if placement == "swapped" else ""), axis))
     taken: dict[str, str] = {}
-    opts = dict(geo=geo, patch=patch, merge_ffn=merge_ffn, fill=fill, placement=placement)
+    opts = dict(geo=geo, patch=patch, merge_ffn=merge_ffn, fill=fill, placement=placement, rotate=rotate)
     for bl in blocks.lists:
         n_blocks = len(bl.blocks)
         excl = [b.name for i, b in enumerate(bl.blocks) if i < exclude or i >= n_blocks - exclude]
@@ -1375,7 +1428,13 @@ def plan_token_cache(gm: fx.GraphModule, blocks, *, token_ratio: float = 0.0, fr
             for b in bl.blocks:
                 if b.name in excl:
                     continue
-                w, r, proto = _plan_block(gm, b, axis, ratios[axis], proto, **opts)
+                if fill == "auto":   # residual where the block's output is a residual stream, else output
+                    w, r, proto_r = _plan_block(gm, b, axis, ratios[axis], proto, **dict(opts, fill="residual"))
+                    if w is None and r.code == "merge_fill":
+                        w, r, proto_r = _plan_block(gm, b, axis, ratios[axis], proto, **dict(opts, fill="output"))
+                    proto = proto_r
+                else:
+                    w, r, proto = _plan_block(gm, b, axis, ratios[axis], proto, **opts)
                 if w is None:
                     refused.append(r)
                     if r.code == "merge_placement":   # the same for every block of the list
@@ -1407,7 +1466,7 @@ class _Proto:
 
 
 def _plan_block(gm, b, axis: str, ratio: float, proto: Optional[_Proto], *, geo: Geometry, patch, merge_ffn: bool,
-                fill: str = "output", placement: str = "paper"):
+                fill: str = "output", placement: str = "paper", rotate: bool = False):
     """Wrap block ``b`` along ``axis``: (wrap, None, proto) or (None, reason, proto)."""
     subject = f"{b.name}:{axis}"
 
@@ -1425,10 +1484,10 @@ def _plan_block(gm, b, axis: str, ratio: float, proto: Optional[_Proto], *, geo:
     else:
         n_rows, per = geo.h * geo.w, geo.batch
     try:
-        sp, text = _split_for(axis, geo, n_rows, patch)
+        sp, text = _split_for(axis, geo, n_rows, patch, rotate)
     except ValueError as e:
         return no("merge_patch", str(e))
-    r = min(int(ratio * n_rows), len(sp[0]))
+    r = min(int(ratio * n_rows), len(sp[0][0]))
     if r < 1:
         return no("merge_ratio", f"ratio {ratio} of {n_rows} rows skips none")
     kept = n_rows - r
@@ -1616,7 +1675,7 @@ def _make_wrap(gm, b, axis, tr, main, d, lay, region, reduced, n_rows, kept, sp,
     if not outputs:
         return None, ("merge_output", "no output of the block carries the merged rows")
     w = Wrap(block=b.name, axis=axis, region=[n.name for n in region], rows=n_rows, kept=kept, sel=sel,
-             main=main.name, inputs=inputs, outputs=outputs, split=sp, split_text=text,
+             main=main.name, inputs=inputs, outputs=outputs, split=sp[0], splits=sp, split_text=text,
              templates={n.name: _to_refs(tr.templates[n]) for n in region},
              reduced={n.name: reduced[n] for n in region}, sites=sites, device=mev.device, fill=fill,
              groups=groups, placement=placement)
@@ -1702,13 +1761,18 @@ def present_wraps(g: fx.GraphModule, plan: TokenPlan) -> list[Wrap]:
     return [w for w in plan.wraps if all(r in names for r in w.region)]
 
 
-def apply_token_cache(g: fx.GraphModule, plan: TokenPlan, merged: bool) -> tuple[fx.GraphModule, list[Wrap], list]:
+def apply_token_cache(g: fx.GraphModule, plan: TokenPlan, merged: bool,
+                      phases: Optional[list] = None) -> tuple[fx.GraphModule, list[Wrap], list]:
     """Rewrite a copy of ``g``: every planned region present in ``g`` (by node name) runs on the
     kept rows (``merged=True``) or in full.  Signature: ``(*g_inputs, *state[present], *consts)
     -> (*g_outputs, *state'[present])`` (``state`` and ``consts`` only when merged), states
     ordered by :func:`state_specs`; ``consts`` are the split index tensors (graph inputs, not
     attributes: Inductor's AOT path takes only Dynamo's parameters as attributes).
-    Returns the new graph, the wraps it holds and the constants."""
+    Returns the new graph, the wraps it holds and the constants of rotation phase 0.  With
+    ``merge_rotate`` a wrap has several splits (``Wrap.splits``) of one shape: pass a list as
+    ``phases`` and it receives one constants list per phase ``p`` of the graph (``p`` in
+    ``[0, lcm of the wraps' phase counts)``; wrap ``w`` uses its split ``p % len(w.splits)``):
+    the same graph runs every phase, the host picks the list."""
     from omnicompile.passes.common import copy_graph_module
     from omnicompile.passes.rewrite import _add_placeholder, _output_values, _safe, _set_outputs
 
@@ -1727,7 +1791,7 @@ def apply_token_cache(g: fx.GraphModule, plan: TokenPlan, merged: bool) -> tuple
                                            _fake(o.shape, o.dtype, w.device)))
         states.append(st)
     extra: list[fx.Node] = []
-    consts: list[torch.Tensor] = []
+    consts: list[list[torch.Tensor]] = []      # per index tensor: one per phase of its wrap
     by_name = {n.name: n for n in graph.nodes}
     for k, w in enumerate(present):
         if merged:
@@ -1748,7 +1812,11 @@ def apply_token_cache(g: fx.GraphModule, plan: TokenPlan, merged: bool) -> tuple
     _set_outputs(out_node, outs + extra)
     graph.lint()
     new.recompile()
-    return new, present, consts
+    n_phases = math.lcm(*[len(w.splits) for w in present]) if (merged and present) else 1
+    per_phase = [[ts[p % len(ts)] for ts in consts] for p in range(n_phases)]
+    if phases is not None:
+        phases[:] = per_phase
+    return new, present, per_phase[0]
 
 
 def _rewrite_wrap(gm: fx.GraphModule, by_name: dict, k: int, w: Wrap, caches: list[fx.Node],
@@ -1766,9 +1834,14 @@ def _rewrite_wrap(gm: fx.GraphModule, by_name: dict, k: int, w: Wrap, caches: li
     dev = w.device
 
     def buf(name, values):
-        t = torch.tensor(values, dtype=torch.int64, device=dev)
-        consts.append(t)
-        return _add_placeholder(graph, f"{tag}_{name}", _fake(t.shape, t.dtype, dev))
+        """An index tensor input; ``values``: a list, or a function of the split (one tensor
+        per rotation phase of ``w``, all of one shape)."""
+        ts = [torch.tensor(values(sp) if callable(values) else values, dtype=torch.int64, device=dev)
+              for sp in (w.splits if callable(values) else w.splits[:1])]
+        if any(t.shape != ts[0].shape for t in ts):
+            raise RuntimeError(f"omnicompile: {w.block}: the rotated splits differ in size ({name})")
+        consts.append(ts)
+        return _add_placeholder(graph, f"{tag}_{name}", _fake(ts[0].shape, ts[0].dtype, dev))
 
     def call(fn, args, shape=None, dtype=None, method=False):
         n = graph.call_method(fn, args) if method else graph.call_function(fn, args)
@@ -1796,9 +1869,9 @@ def _rewrite_wrap(gm: fx.GraphModule, by_name: dict, k: int, w: Wrap, caches: li
             xt = call("transpose", (x4, 1, 2), (Ps, N, G, main_in.post), dt, method=True)
             xs = call("reshape", (xt, (Ps, N, G * main_in.post)), (Ps, N, G * main_in.post), dt, method=True)
         src, dst, sg, dg = w.split
-        s_n, d_n = buf("src", src), buf("dst", dst)
-        sg_n = buf("src_group", sg) if sg is not None else None
-        dg_n = buf("dst_group", dg) if dg is not None else None
+        s_n, d_n = buf("src", lambda sp: sp[0]), buf("dst", lambda sp: sp[1])
+        sg_n = buf("src_group", lambda sp: sp[2]) if sg is not None else None
+        dg_n = buf("dst_group", lambda sp: sp[3]) if dg is not None else None
         topk = call(ops.similarity_topk.default, (xs, w.r, s_n, d_n, sg_n, dg_n))
         keep_s = call(operator.getitem, (topk, 1), (Ps, K), torch.int64)
         keep = keep_s
@@ -1812,9 +1885,11 @@ def _rewrite_wrap(gm: fx.GraphModule, by_name: dict, k: int, w: Wrap, caches: li
             skip_s = call(operator.getitem, (topk, 0), (Ps, w.r), torch.int64)
             rg = None
             if sg is not None:
-                table = [0] * N
-                for row, g in zip(src + dst, sg + dg):
-                    table[row] = g
+                def table(sp):
+                    t = [0] * N
+                    for row, g in zip(sp[0] + sp[1], sp[2] + sp[3]):
+                        t[row] = g
+                    return t
                 rg = buf("row_group", table)
             fi = call(interpolation_index, (xs, skip_s, keep_s, d_n, rg, dg_n), (Ps, N), torch.int64)
             if G > 1:

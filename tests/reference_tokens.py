@@ -11,6 +11,11 @@ in full.  ``fill="residual"`` keeps ``output - input`` instead and returns ``inp
 matches best (cosine similarity, within its patch; ToMe's unmerge-by-copy), the first call of a
 generation still running in full.  The whole block is wrapped (the compiler's ``merge_ffn=True``).
 
+Rotation (``merge_rotate``): ``split`` may be a list of splits; the ``k``-th call of a block
+(counted per slot, from 0, the full first call included; cleared by ``reset``) uses split
+``k % len(split)``.  Refresh (``merge_refresh=N``): a call with ``k % N == 0`` runs the block
+in full and re-seeds what it holds, like the first call.
+
 An *adapter* says, per model, how a block's rows are laid out:
 
 * ``rows(hidden) -> (P, N, Q)``: the view of the hidden states whose dim 1 is the merged axis;
@@ -29,12 +34,15 @@ from omnicompile.kernels import merge_reference, similarity_topk_reference, unme
 
 
 class TokenCacheReference:
-    def __init__(self, blocks, adapter, r: int, split, fill: str = "output"):
+    def __init__(self, blocks, adapter, r: int, split, fill: str = "output", refresh=None):
         self.adapter = adapter
         self.r = r
-        self.split = split
+        self.splits = list(split) if isinstance(split, list) else [split]
         self.fill = fill
+        self.refresh = refresh
         self.cache = {}
+        self.calls = {}
+        self.full_calls = 0
         self.slot = 0
         self.merged_calls = 0
         self.originals = []
@@ -45,6 +53,7 @@ class TokenCacheReference:
 
     def reset(self):
         self.cache.clear()
+        self.calls.clear()
 
     def remove(self):
         for block, orig in self.originals:
@@ -56,7 +65,13 @@ class TokenCacheReference:
             hidden, args, kwargs = _take_hidden(args, kwargs)
             p, n, q = self.adapter.rows(hidden)
             held = self.cache.get(key)
+            k = self.calls.get(key, 0)
+            self.calls[key] = k + 1
+            split = self.splits[k % len(self.splits)]
+            if self.refresh is not None and k % self.refresh == 0:
+                held = None
             if held is None:
+                self.full_calls += 1
                 a, kw = _put_hidden(args, kwargs, hidden)
                 result = orig(*a, **kw)
                 out, _ = self.adapter.split(result)
@@ -66,7 +81,7 @@ class TokenCacheReference:
                 return result
             x3 = hidden.reshape(p, n, q)
             xs = self.adapter.score(hidden) if hasattr(self.adapter, "score") else x3
-            skip, keep_s = similarity_topk_reference(xs, self.r, *self.split)
+            skip, keep_s = similarity_topk_reference(xs, self.r, *split)
             share = p // xs.shape[0]                          # rows of the view per choice
             keep = keep_s.repeat_interleave(share, dim=0)     # sample outer, its rows inner
             k = keep.shape[1]
@@ -97,7 +112,7 @@ class TokenCacheReference:
             result = orig(*a, **kw)
             out_m, rebuild = self.adapter.split(result)
             if self.fill == "interpolate":
-                match = _matched_dst(xs, skip, *self.split)
+                match = _matched_dst(xs, skip, *split)
                 source = torch.arange(n).repeat(xs.shape[0], 1)
                 for b in range(skip.shape[0]):
                     source[b, skip[b]] = match[b]

@@ -23,7 +23,22 @@ torch.set_num_threads(1)
 STEPS = (1000.0, 750.0, 500.0, 250.0)
 
 
+def _cells(h, w, patch=None, rotate=True):
+    """The token / block splits the compiler uses: one dst per 2x2 cell, rotated over the cell
+    (offsets 0, 3, 1, 2, i.e. diagonal first) with ``merge_rotate``."""
+    return [K.token_split(h, w, offset=o, patch=patch) for o in ((0, 3, 1, 2) if rotate else (0,))]
+
+
+def _frames(n, stride=2, rotate=True):
+    """The frame split (every other frame dst, parity alternating) or the packed 1-D split
+    (stride 4, offsets 0, 2, 1, 3)."""
+    offs = {2: (0, 1), 4: (0, 2, 1, 3)}[stride] if rotate else (0,)
+    return [K.frame_split(n, stride=stride, offset=o) for o in offs]
+
+
 def _compiled(model, kw, steps=STEPS, **opts):
+    opts.setdefault("merge_rotate", True)        # the tests name the splits they compare with
+    opts.setdefault("merge_fill", "output")      # the reference's default; "auto" is tested below
     oc = omnicompile.OmniCache(inner_backend="eager", **opts)
     cm = torch.compile(model, backend=oc, fullgraph=True)
     outs = []
@@ -33,8 +48,8 @@ def _compiled(model, kw, steps=STEPS, **opts):
     return outs, oc
 
 
-def _reference(model, kw, blocks, adapter, r, split, steps=STEPS, fill="output"):
-    ref = TokenCacheReference(blocks, adapter, r, split, fill)
+def _reference(model, kw, blocks, adapter, r, split, steps=STEPS, fill="output", refresh=None):
+    ref = TokenCacheReference(blocks, adapter, r, split, fill, refresh)
     outs = []
     try:
         with torch.no_grad():
@@ -134,7 +149,7 @@ def test_dit_token_cache_matches_reference():
     model, kw = testing.tiny_dit(num_layers=4)
     outs, oc = _compiled(model, kw, policy="none", token_ratio=0.5, merge_ffn=True)
     blocks = [(f"b{i}", model.transformer_blocks[i]) for i in (1, 2)]
-    ref, r = _reference(model, kw, blocks, DiTTokens(), 8, K.token_split(4, 4))
+    ref, r = _reference(model, kw, blocks, DiTTokens(), 8, _cells(4, 4))
     assert r.merged_calls == 6
     assert _maxdiff(outs, ref) < 1e-5
     eager = model(**testing.with_timestep(kw, STEPS[1]))[0]
@@ -147,7 +162,7 @@ def test_dit_token_cache_matches_reference():
 def test_dit_residual_fill_matches_reference():
     model, kw = testing.tiny_dit(num_layers=3)
     outs, _ = _compiled(model, kw, policy="none", token_ratio=0.25, merge_ffn=True, merge_fill="residual")
-    ref, _ = _reference(model, kw, [("b1", model.transformer_blocks[1])], DiTTokens(), 4, K.token_split(4, 4),
+    ref, _ = _reference(model, kw, [("b1", model.transformer_blocks[1])], DiTTokens(), 4, _cells(4, 4),
                         fill="residual")
     assert _maxdiff(outs, ref) < 1e-5
 
@@ -159,9 +174,9 @@ def test_latte_frame_and_block_caches_match_reference():
     assert {w["block"]: w["axis"] for w in g.token_cache["wrapped"]} == {
         "transformer_blocks.1": "frame", "temporal_transformer_blocks.1": "block"}
     # frames: r = 2 of 4, every other frame dst; positions: r = 8 of 16 on the 4x4 grid
-    refs = [TokenCacheReference([("s1", model.transformer_blocks[1])], LatteSpatialFrames(2, 4), 2, K.frame_split(4)),
+    refs = [TokenCacheReference([("s1", model.transformer_blocks[1])], LatteSpatialFrames(2, 4), 2, _frames(4)),
             TokenCacheReference([("t1", model.temporal_transformer_blocks[1])], LatteTemporalBlocks(2, 16), 8,
-                                K.token_split(4, 4))]
+                                _cells(4, 4))]
     outs_ref = []
     try:
         with torch.no_grad():
@@ -183,7 +198,7 @@ def test_flux_and_wan_token_cache_match_reference():
     tables = [i for i in wrapped[0]["inputs"] if i.startswith(("cos", "sin"))]
     assert len(tables) == 4 and all(i.endswith("=5 + token") for i in tables)
     blocks = [("d1", model.transformer_blocks[1]), ("s1", model.single_transformer_blocks[1])]
-    ref, r = _reference(model, kw, blocks, FluxTokens(5), 8, K.frame_split(16, stride=4))
+    ref, r = _reference(model, kw, blocks, FluxTokens(5), 8, _frames(16, stride=4))
     assert r.merged_calls == 6
     assert _maxdiff(outs, ref) < 1e-5
     torch._dynamo.reset()
@@ -192,7 +207,7 @@ def test_flux_and_wan_token_cache_match_reference():
     g = oc.report().graphs[0]
     assert [(w["block"], w["axis"], w["rows"]) for w in g.token_cache["wrapped"]] == [("blocks.1", "token", 32)]
     assert {r.subject: r.code for r in g.refused}["frame"] == "merge_placement"    # joint attention
-    ref, r = _reference(model, kw, [("b1", model.blocks[1])], WanTokens(), 16, K.token_split(8, 4))
+    ref, r = _reference(model, kw, [("b1", model.blocks[1])], WanTokens(), 16, _cells(8, 4))
     assert r.merged_calls == 3
     assert _maxdiff(outs, ref) < 1e-5
 
@@ -223,9 +238,9 @@ def test_latte_swapped_placement_matches_reference(fill):
     assert {r.subject: r.code for r in g.refused}["token"] == "merge_placement"
     assert g.token_cache["full_calls"] == 1 and g.token_cache["merged_calls"] == 3
     refs = [TokenCacheReference([("s1", model.transformer_blocks[1])], LatteSpatialBlocks(2, 4), 8,
-                                K.token_split(4, 4), fill),
+                                _cells(4, 4), fill),
             TokenCacheReference([("t1", model.temporal_transformer_blocks[1])], LatteTemporalFrames(2, 16), 2,
-                                K.frame_split(4), fill)]
+                                _frames(4), fill)]
     outs_ref = _run_refs(model, kw, refs)
     assert refs[0].merged_calls == 3 and refs[1].merged_calls == 3
     assert _maxdiff(outs, outs_ref) < 1e-5
@@ -237,7 +252,7 @@ def test_interpolate_fill_matches_reference():
     model, kw = testing.tiny_dit(num_layers=3)
     outs, oc = _compiled(model, kw, policy="none", token_ratio=0.5, patch=2, merge_ffn=True, merge_fill="interpolate")
     ref, r = _reference(model, kw, [("b1", model.transformer_blocks[1])], DiTTokens(), 8,
-                        K.token_split(4, 4, patch=2), fill="interpolate")
+                        _cells(4, 4, patch=2), fill="interpolate")
     assert r.merged_calls == 3
     assert _maxdiff(outs, ref) < 1e-5
     g = oc.report().graphs[0]
@@ -246,10 +261,10 @@ def test_interpolate_fill_matches_reference():
     model, kw = testing.tiny_latte(num_layers=3, frames=4, batch=2)
     outs, _ = _compiled(model, kw, policy="none", frame_ratio=0.5, block_ratio=0.5, merge_ffn=True,
                         merge_fill="interpolate")
-    refs = [TokenCacheReference([("s1", model.transformer_blocks[1])], LatteSpatialFrames(2, 4), 2, K.frame_split(4),
+    refs = [TokenCacheReference([("s1", model.transformer_blocks[1])], LatteSpatialFrames(2, 4), 2, _frames(4),
                                 "interpolate"),
             TokenCacheReference([("t1", model.temporal_transformer_blocks[1])], LatteTemporalBlocks(2, 16), 8,
-                                K.token_split(4, 4), "interpolate")]
+                                _cells(4, 4), "interpolate")]
     assert _maxdiff(outs, _run_refs(model, kw, refs)) < 1e-5
 
 
@@ -380,7 +395,9 @@ def test_not_a_video_model_and_nothing_wrapped_fall_back_with_reasons():
 @pytest.mark.parametrize("field,value", [("token_ratio", 1.0), ("frame_ratio", -0.1), ("block_ratio", "x"),
                                          ("patch", 0), ("merge_ffn", 1), ("merge_exclude", -1),
                                          ("merge_fill", "average"), ("merge_placement", "s2s"),
-                                         ("merge_placement", None)])
+                                         ("merge_placement", None), ("merge_rotate", 1), ("merge_rotate", "yes"),
+                                         ("merge_rotate", None), ("merge_refresh", 0), ("merge_refresh", -2),
+                                         ("merge_refresh", 1.5), ("merge_refresh", True), ("merge_refresh", "2")])
 def test_config_validation(field, value):
     with pytest.raises(ConfigError) as e:
         omnicompile.OmniCache(**{field: value})
@@ -391,6 +408,9 @@ def test_config_accepts_the_ablation_values():
     cfg = omnicompile.OmniCache(merge_placement="swapped", merge_fill="interpolate", frame_ratio=0.3).config
     assert (cfg.merge_placement, cfg.merge_fill) == ("swapped", "interpolate")
     assert omnicompile.OmniCache().config.merge_placement == "paper"
+    cfg = omnicompile.OmniCache(merge_rotate=False, merge_refresh=1).config
+    assert (cfg.merge_rotate, cfg.merge_refresh) == (False, 1)
+    assert omnicompile.OmniCache(merge_refresh=None).config.merge_refresh is None
 
 
 def test_report_markdown_lists_wrapped_blocks():
@@ -400,3 +420,75 @@ def test_report_markdown_lists_wrapped_blocks():
     assert "token / frame / block caches: 1 merged calls, 1 full" in md
     assert "| `transformer_blocks.1` | token | 8 of 16 |" in md
     assert "wraps transformer_blocks.1 along token" in str(oc.report())
+
+
+# ----------------------------------------------------------------------------- rotation and refresh
+
+STEPS6 = (1000.0, 850.0, 700.0, 550.0, 400.0, 250.0)
+
+
+@pytest.mark.parametrize("rotate,refresh,fill", [(True, 3, "output"), (False, 2, "residual")])
+def test_rotation_and_refresh_match_reference(rotate, refresh, fill):
+    """merge_rotate: call k of a generation uses split k % phases (the dst of each 2x2 cell at
+    offsets 0, 3, 1, 2); merge_refresh=N: calls with k % N == 0 run in full (every row refreshed)."""
+    model, kw = testing.tiny_dit(num_layers=3)
+    outs, oc = _compiled(model, kw, STEPS6, policy="none", token_ratio=0.5, merge_ffn=True, merge_fill=fill,
+                         merge_rotate=rotate, merge_refresh=refresh)
+    ref, r = _reference(model, kw, [("b1", model.transformer_blocks[1])], DiTTokens(), 8,
+                        _cells(4, 4, rotate=rotate), STEPS6, fill=fill, refresh=refresh)
+    assert _maxdiff(outs, ref) < 1e-5
+    tc = oc.report().graphs[0].token_cache
+    fulls = len(range(0, 6, refresh))
+    assert (tc["full_calls"], tc["merged_calls"], tc["refresh_calls"]) == (fulls, 6 - fulls, fulls - 1)
+    assert r.full_calls == fulls and r.merged_calls == 6 - fulls
+    # the other rotation setting is a different computation (the test can tell them apart)
+    other, _ = _reference(model, kw, [("b1", model.transformer_blocks[1])], DiTTokens(), 8,
+                          _cells(4, 4, rotate=not rotate), STEPS6, fill=fill, refresh=refresh)
+    assert _maxdiff(outs, other) > 1e-4
+
+
+def test_rotated_splits_cover_every_row_and_fit_one_graph():
+    """Every row is dst in some phase (no row is src at every step); all phases of a wrap have
+    the same sizes, so one merged graph serves them (the host picks the index tensors);
+    phases whose sizes differ (odd frame counts) are left out; a static policy's reused steps
+    do not advance the phase or the refresh count."""
+    model, kw = testing.tiny_latte(num_layers=3, frames=4)
+    gm, ex = trace(model, kw)
+    plan = T.plan_token_cache(gm, find_blocks(gm), frame_ratio=0.5, block_ratio=0.5, rotate=True)
+    assert {w.axis: len(w.splits) for w in plan.wraps} == {"frame": 2, "block": 4}
+    for w in plan.wraps:
+        assert sorted(d for sp in w.splits for d in sp[1]) == list(range(w.rows))
+        assert w.splits[0] == w.split and w.describe()["phases"] == len(w.splits)
+    phases = []
+    merged, _, consts = T.apply_token_cache(gm, plan, merged=True, phases=phases)
+    assert len(phases) == 4 and phases[0] == consts
+    assert all([t.shape for t in p] == [t.shape for t in consts] for p in phases)
+    assert not torch.equal(phases[1][0], phases[0][0])
+    full, present, _ = T.apply_token_cache(gm, plan, merged=False)
+    with torch.no_grad():
+        f = full(*ex)
+        n = len(f) - len(T.state_specs(present))
+        for p in phases:           # the frame cache stays exact with this step's cache in every phase
+            assert torch.equal(merged(*ex, *f[n:], *p)[0], f[0])
+    geo = plan.geometry
+    assert len(T._split_for("frame", geo, 5, None, rotate=True)[0]) == 1         # 3 dst vs 2: dropped
+    assert len(T._split_for("frame", geo, 6, None, rotate=True)[0]) == 2
+    assert len(T.plan_token_cache(gm, find_blocks(gm), block_ratio=0.5).wraps[0].splits) == 1
+    torch._dynamo.reset()
+    dit, dkw = testing.tiny_dit(num_layers=3)
+    steps = (1000.0, 800.0, 600.0, 400.0, 200.0)
+    _, oc = _compiled(dit, dkw, steps, policy="static", interval=2, warmup=2, token_ratio=0.5, merge_refresh=2)
+    tc = oc.report().graphs[0].token_cache
+    # computed steps 0, 1, 3 are calls k = 0 (full), 1 (merged), 2 (full: refresh)
+    assert (tc["full_calls"], tc["merged_calls"], tc["refresh_calls"]) == (2, 1, 1)
+
+
+def test_auto_fill_takes_residual_where_the_output_is_a_residual_stream():
+    """merge_fill="auto": residual for the blocks whose region output is a residual stream of
+    its input (DiT: the region ends on the stream), the same as asking for residual."""
+    model, kw = testing.tiny_dit(num_layers=4)
+    gm, _ = trace(model, kw)
+    auto = T.plan_token_cache(gm, find_blocks(gm), token_ratio=0.5, merge_ffn=True, fill="auto")
+    res = T.plan_token_cache(gm, find_blocks(gm), token_ratio=0.5, merge_ffn=True, fill="residual")
+    assert auto.wraps and [w.fill for w in auto.wraps] == [w.fill for w in res.wraps] == ["residual"] * len(res.wraps)
+    assert omnicompile.OmniCache().config.merge_fill == "auto"
