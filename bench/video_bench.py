@@ -54,36 +54,32 @@ import omnicompile  # noqa: E402
 
 #: row name -> OmniCache options (besides inner_backend)
 ROWS = {
+    # (defaults: merge_rotate=True, merge_fill="auto" = residual on these blocks, attention only)
     "static-2": dict(policy="static", interval=2, warmup=2),
-    "token-0.25": dict(policy="none", token_ratio=0.25),
-    "token-0.5": dict(policy="none", token_ratio=0.5),
-    "token-0.5-k4": dict(policy="none", token_ratio=0.5, patch=4),
-    "frame-0.25": dict(policy="none", frame_ratio=0.25),
+    "token-0.2": dict(policy="none", token_ratio=0.2),
+    "token-0.4": dict(policy="none", token_ratio=0.4),
+    "frame-0.3": dict(policy="none", frame_ratio=0.3),
     "frame-0.5": dict(policy="none", frame_ratio=0.5),
-    "block-0.25": dict(policy="none", block_ratio=0.25),
+    "block-0.4": dict(policy="none", block_ratio=0.4),
     "block-0.5": dict(policy="none", block_ratio=0.5),
-    "token-0.25 fill=residual": dict(policy="none", token_ratio=0.25, merge_fill="residual"),
-    "token-0.5 fill=residual": dict(policy="none", token_ratio=0.5, merge_fill="residual"),
-    "frame-0.5 fill=residual": dict(policy="none", frame_ratio=0.5, merge_fill="residual"),
-    "block-0.5 fill=residual": dict(policy="none", block_ratio=0.5, merge_fill="residual"),
-    "all-0.25": dict(policy="none", token_ratio=0.25, frame_ratio=0.25, block_ratio=0.25),
-    "all-0.5": dict(policy="none", token_ratio=0.5, frame_ratio=0.5, block_ratio=0.5),
-    "all-0.5+ffn": dict(policy="none", token_ratio=0.5, frame_ratio=0.5, block_ratio=0.5, merge_ffn=True),
-    "all-0.5 fill=residual": dict(policy="none", token_ratio=0.5, frame_ratio=0.5, block_ratio=0.5,
-                                  merge_fill="residual"),
-    "all-0.25+static-2": dict(policy="static", interval=2, warmup=2, token_ratio=0.25, frame_ratio=0.25,
-                              block_ratio=0.25),
-    # the best of the merge_rotate / merge_refresh ablation (ROTATION_ROWS; rotation is the default)
-    "frame-0.3 fill=residual": dict(policy="none", frame_ratio=0.3, merge_fill="residual"),
-    "block-0.4 fill=residual": dict(policy="none", block_ratio=0.4, merge_fill="residual"),
-    "all-0.25 fill=residual": dict(policy="none", token_ratio=0.25, frame_ratio=0.25, block_ratio=0.25,
-                                   merge_fill="residual"),
-    "all-0.5 fill=residual refresh=2": dict(policy="none", token_ratio=0.5, frame_ratio=0.5, block_ratio=0.5,
-                                            merge_fill="residual", merge_refresh=2),
-    "all-0.25 fill=residual+static-2": dict(policy="static", interval=2, warmup=2, token_ratio=0.25,
-                                            frame_ratio=0.25, block_ratio=0.25, merge_fill="residual"),
+    # the paper's Latte setting: r_f 30 %, r_b 40 %, r_t 20 %
+    "all (paper: f0.3 b0.4 t0.2)": dict(policy="none", token_ratio=0.2, frame_ratio=0.3, block_ratio=0.4),
+    "all (paper) +ffn": dict(policy="none", token_ratio=0.2, frame_ratio=0.3, block_ratio=0.4, merge_ffn=True),
+    "all (paper) + static-2": dict(policy="static", interval=2, warmup=2, token_ratio=0.2, frame_ratio=0.3,
+                                   block_ratio=0.4),
+    # S2T/T2S against the swapped placement S2S/T2T (no token cache: the paper's ablation)
+    "frame+block S2T/T2S": dict(policy="none", frame_ratio=0.3, block_ratio=0.4),
+    "frame+block swapped S2S/T2T": dict(policy="none", frame_ratio=0.3, block_ratio=0.4, merge_placement="swapped"),
+    # reuse (cache) against plain interpolation, and the fill ablation
+    "all (paper) fill=interpolate": dict(policy="none", token_ratio=0.2, frame_ratio=0.3, block_ratio=0.4,
+                                         merge_fill="interpolate"),
+    "all (paper) fill=output": dict(policy="none", token_ratio=0.2, frame_ratio=0.3, block_ratio=0.4,
+                                    merge_fill="output"),
+    "all (paper) fixed split": dict(policy="none", token_ratio=0.2, frame_ratio=0.3, block_ratio=0.4,
+                                    merge_rotate=False),
+    "all-0.5 refresh=2": dict(policy="none", token_ratio=0.5, frame_ratio=0.5, block_ratio=0.5, merge_refresh=2),
 }
-QUICK = ["static-2", "token-0.5", "frame-0.5", "block-0.5", "all-0.25"]
+QUICK = ["static-2", "token-0.4", "frame-0.5", "block-0.5", "all (paper: f0.3 b0.4 t0.2)"]
 
 #: ``merge_rotate`` / ``merge_refresh`` ablation (not in the default grid; name rows with ``--rows``):
 #: each cache alone, fill output / residual, the split fixed (``norotate``) or rotated, with a
