@@ -154,12 +154,9 @@ class OmniCache:
         if not analysis.spans:
             first = next((r for r in report.refused if r.code != "no_module_metadata"), None)
             return fallback(first or Reason("no_spans", "no cacheable span"))
-        if analysis.timestep is None:
-            return fallback(Reason("no_timestep", "no timestep input found: cannot tell denoising steps apart"))
-        if torch.is_grad_enabled() and any(
-                isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
-            return fallback(Reason("training_graph", "gradients are enabled: caching is for inference; "
-                                   "call the model under torch.no_grad() or torch.inference_mode()"))
+        why = _not_inference(analysis, example_inputs)
+        if why is not None:
+            return fallback(why)
         guard = cfg.guard if cfg.guard != "auto" else ("variants" if policy.static else "cond")
         report.guard = guard
         try:
@@ -191,12 +188,9 @@ class OmniCache:
         if not isinstance(compile_fn, TokenCompiler):
             first = next((r for r in report.refused if r.code.startswith("merge_")), None)
             return fallback(first or Reason("merge_nothing", "no region wrapped by the token/frame/block caches"))
-        if analysis.timestep is None:
-            return fallback(Reason("no_timestep", "no timestep input found: cannot tell denoising steps apart"))
-        if torch.is_grad_enabled() and any(
-                isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
-            return fallback(Reason("training_graph", "gradients are enabled: caching is for inference; "
-                                   "call the model under torch.no_grad() or torch.inference_mode()"))
+        why = _not_inference(analysis, example_inputs)
+        if why is not None:
+            return fallback(why)
         try:
             rt = TokenRuntime(gm, example_inputs, analysis, cfg, policy, report, compile_fn)
             compile_fn.state.bind(rt.tracker)
@@ -218,6 +212,16 @@ class OmniCache:
         from omnicompile.dump import write_graph_dump
         write_graph_dump(cfg.dump_dir, report.graph_id, gm, report, rt, config=cfg,
                          blocks=blocks, analysis=analysis)
+
+
+def _not_inference(analysis, example_inputs) -> Optional[Reason]:
+    """Why a graph cannot be cached across steps at all: no timestep, or gradients enabled."""
+    if analysis.timestep is None:
+        return Reason("no_timestep", "no timestep input found: cannot tell denoising steps apart")
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+        return Reason("training_graph", "gradients are enabled: caching is for inference; "
+                      "call the model under torch.no_grad() or torch.inference_mode()")
+    return None
 
 
 def _token_compiler(gm, blocks, cfg, report, inner):
