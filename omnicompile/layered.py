@@ -252,11 +252,27 @@ def _need(d, kind, name, types, check=lambda v: True, want=""):
     return v
 
 
+class _JsonFile:
+    """A dataclass saved as JSON with its format name and version."""
+
+    FORMAT = ""
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(format=self.FORMAT, version=VERSION)
+        return d
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+
+
 @dataclasses.dataclass
-class Profile:
+class Profile(_JsonFile):
     """Per (unit, step): the quality cost of reusing the unit at that step (``delta``, None
     where undefined — step 0 and units that cannot be reused)."""
 
+    FORMAT = PROFILE_FORMAT
     fingerprint: str
     num_steps: int
     units: list[str]
@@ -280,15 +296,6 @@ class Profile:
                 row.append(x / lat if x is not None and lat > 0 else math.inf)
             out.append(row)
         return out
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.update(format=PROFILE_FORMAT, version=VERSION)
-        return d
-
-    def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
 
     @classmethod
     def from_json(cls, d) -> "Profile":
@@ -325,9 +332,10 @@ class Profile:
 
 
 @dataclasses.dataclass
-class Schedule:
+class Schedule(_JsonFile):
     """A refined plan as a file: per unit its row (``C`` computed, ``R`` reused)."""
 
+    FORMAT = SCHEDULE_FORMAT
     fingerprint: str
     num_steps: int
     units: list[str]
@@ -344,15 +352,6 @@ class Schedule:
     def from_plan(cls, plan: Plan, dag, fingerprint: str, interval: int, source: str = "") -> "Schedule":
         return cls(fingerprint, plan.steps, list(plan.units), plan.marks(), plan.target, interval,
                    plan.ideal_speedup, plan.reached, dag_to_json(dag), [list(r.units) for r in plan.regions], source)
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.update(format=SCHEDULE_FORMAT, version=VERSION)
-        return d
-
-    def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
 
     @classmethod
     def from_json(cls, d) -> "Schedule":
