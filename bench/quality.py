@@ -17,8 +17,8 @@ Methods (``--list`` prints the families):
   images are *the* reference: PSNR and SSIM are measured against them.
 * omnicompile (``torch.compile(..., backend=OmniCache(...), fullgraph=True)``): ``static`` interval 2
   and 3; ``probe`` (DiCache) over thresholds; ``probe`` with ``align=False, probe_depth=1``
-  (First-Block-Cache); ``trajectory`` at four budgets (0.5 and 0.6 are the presets
-  ``trajectory-slow`` / ``-fast``: runs of up to two reuses) with and without noise correction,
+  (First-Block-Cache); ``trajectory`` at five budgets (0.5 and 0.7 are the presets
+  ``trajectory-slow`` / ``-fast``: runs of up to two / three reuses) with and without noise correction,
   and with the correction restricted to a low / high frequency band; a *late-only* schedule
   (explicit ``reuse_steps`` packed into the end of sampling, never two in a row) with as many
   reused steps as the trajectory schedule of the same budget, plain (``static``) and corrected
@@ -175,7 +175,8 @@ def omni_settings(args) -> list[MethodSpec]:
                             dict(policy="probe", threshold=1e-6, num_steps=args.steps)))
     for b in args.budgets:
         # single reuses cap a 28-step run at 13 reused steps (b ~ 0.46): above, runs of two
-        run = 1 if b <= 0.45 else 2
+        # (the trajectory-slow preset), from 0.65 runs of three (trajectory-fast: 0.7)
+        run = 1 if b <= 0.45 else 2 if b < 0.65 else 3
         tag = "" if run == 1 else f" run<={run}"
         if "trajectory" in fams:
             s.append(MethodSpec(f"trajectory b={b:g}{tag}", fam("trajectory"), "omnicompile", True,
@@ -819,8 +820,8 @@ def parse_args(argv=None):
     p.add_argument("--probe-thresholds", type=floats, default=[0.07, 0.2, 0.4, 0.8])
     p.add_argument("--fbc-thresholds", type=floats, default=[0.2])
     p.add_argument("--static-intervals", type=ints, default=[2, 3])
-    p.add_argument("--budgets", type=floats, default=[0.3, 0.45, 0.5, 0.6],
-                   help="trajectory budgets (above 0.45: runs of two reuses, max_run=2)")
+    p.add_argument("--budgets", type=floats, default=[0.3, 0.45, 0.5, 0.6, 0.7],
+                   help="trajectory budgets (above 0.45: runs of two reuses, max_run=2; from 0.65: three)")
     p.add_argument("--late-budgets", type=floats, default=[0.3, 0.45])
     p.add_argument("--bands", type=lambda t: [tuple(floats(b.replace("-", ","))) for b in t.split(";") if b.strip()],
                    default=[(0.0, 0.5), (0.5, 1.0)],

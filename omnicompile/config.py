@@ -52,7 +52,7 @@ class OmniCacheConfig:
     #: write graphs and plans here (also OMNICACHE_DUMP_DIR)
     dump_dir: Optional[str] = None
     #: trajectory: fraction of all steps reused (OmniCache; presets trajectory-slow /
-    #: trajectory-fast pick 0.5 / 0.6 when this is left at its default)
+    #: trajectory-fast pick 0.5 / 0.7 when this is left at its default)
     budget: float = 0.4
     #: trajectory: "first" (calibrate on the first generation of each shape), a JSON path
     #: written by oc.calibrate / `omnicache calibrate`, or None (only oc.calibrate(fn));

@@ -212,9 +212,10 @@ def test_presets_and_policy_errors():
     assert OmniCache(policy="trajectory-fast").config.policy == "trajectory-fast"
     from omnicompile.policies import make_policy
     assert make_policy(OmniCache(policy="trajectory-slow").config).budget == 0.5
-    assert make_policy(OmniCache(policy="trajectory-fast").config).budget == 0.6
+    assert make_policy(OmniCache(policy="trajectory-fast").config).budget == 0.7
     assert make_policy(OmniCache(policy="trajectory-fast", budget=0.3).config).budget == 0.3
-    assert make_policy(OmniCache(policy="trajectory-fast").config).max_run == 2
+    assert make_policy(OmniCache(policy="trajectory-fast").config).max_run == 3
+    assert make_policy(OmniCache(policy="trajectory-slow").config).max_run == 2
     assert make_policy(OmniCache(policy="trajectory").config).max_run == 1
     for fields, field in [({"budget": 1.0}, "budget"), ({"budget": -0.1}, "budget"), ({"calibrate": 3}, "calibrate"),
                           ({"correction": "yes"}, "correction"), ({"curvature": "x"}, "curvature"),
