@@ -174,6 +174,7 @@ def run_scaling(args) -> list[dict]:
 
     out = []
     for frames, side in ((8, 16), (16, 16), (8, 32)):
+        torch._dynamo.reset()      # else the new sizes recompile with dynamic shapes
         torch.manual_seed(0)
         m = LatteTransformer3DModel(num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=1,
                                     num_layers=4, sample_size=side, patch_size=2, video_length=frames,
@@ -187,7 +188,7 @@ def run_scaling(args) -> list[dict]:
                            ("token+frame+block 0.5", dict(policy="none", token_ratio=0.5, frame_ratio=0.5,
                                                           block_ratio=0.5))):
             oc = omnicompile.OmniCache(inner_backend=args.inner_backend, **opts)
-            fn = torch.compile(copy.deepcopy(m), backend=oc, fullgraph=True)
+            fn = torch.compile(copy.deepcopy(m), backend=oc, fullgraph=True, dynamic=False)
             with torch.no_grad():
                 for t in (900.0, 800.0):            # full call, then a merged one
                     fn(**dict(kw, timestep=torch.full((2,), t)))

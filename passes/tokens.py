@@ -1403,6 +1403,13 @@ def plan_token_cache(gm: fx.GraphModule, blocks, *, token_ratio: float = 0.0, fr
                               "not hold as rows: the paper leaves it out, r_t = 0)", "token"))
     if not active:
         return TokenPlan([], refused, None)
+    symbolic = [n.name for n in gm.graph.nodes if n.op == "placeholder"
+                and isinstance(example_value(n), torch.Tensor)
+                and any(not isinstance(d, int) for d in example_value(n).shape)]
+    if symbolic:   # the re-specialisation proves concrete row counts; a dynamic graph has none
+        return TokenPlan([], refused + [Reason("merge_dynamic_shape", "inputs with symbolic sizes ("
+                                               + ", ".join(symbolic[:3]) + "): compile with dynamic=False",
+                                               "graph")], None)
     geo, why = find_geometry(gm)
     if geo is None:
         return TokenPlan([], refused + [why], None)

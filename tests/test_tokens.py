@@ -492,3 +492,14 @@ def test_auto_fill_takes_residual_where_the_output_is_a_residual_stream():
     res = T.plan_token_cache(gm, find_blocks(gm), token_ratio=0.5, merge_ffn=True, fill="residual")
     assert auto.wraps and [w.fill for w in auto.wraps] == [w.fill for w in res.wraps] == ["residual"] * len(res.wraps)
     assert omnicompile.OmniCache().config.merge_fill == "auto"
+
+
+def test_dynamic_shapes_are_refused_not_crashed():
+    model, kw = testing.tiny_dit(num_layers=4)
+    oc = omnicompile.OmniCache(inner_backend="eager", policy="none", token_ratio=0.5)
+    cm = torch.compile(model, backend=oc, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        out = cm(**kw)[0]
+    torch.testing.assert_close(out, model(**kw)[0])
+    codes = {r.code for g in oc.report().graphs for r in list(g.refused) + ([g.fallback] if g.fallback else [])}
+    assert "merge_dynamic_shape" in codes
