@@ -2,6 +2,4 @@
 matching with networkx (:mod:`.structure`), the cost model — FLOPs and bytes, concrete and as
 sympy expressions in the data sizes (:mod:`.cost`) —, the trajectory schedule (:mod:`.schedule`)
 and the layered planner — OmniCache's Algorithms 1-3 on the unit dependency DAG (:mod:`.plan`).
-The only package of the project that imports networkx; apart from a lazy import of
-``passes.common.is_param_placeholder`` in :func:`.cost.graph_size_symbols`, it imports nothing
-else of ours."""
+The only package of the project that imports networkx; it imports nothing else of ours."""

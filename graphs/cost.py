@@ -450,11 +450,9 @@ def region_cost(nodes: Iterable, sizes: SizeSymbols, is_param: Callable = lambda
     return Cost(sympy.expand(sympy.Add(*fl)), sympy.expand(sympy.Add(*by)))
 
 
-def graph_size_symbols(gm) -> SizeSymbols:
+def graph_size_symbols(gm, is_param: Callable) -> SizeSymbols:
     """:func:`size_symbols` of a Dynamo graph: its user inputs' shapes, with every size of a
-    parameter as a model dimension (parameters are placeholders whose name says so)."""
-    from omnicompile.passes.common import is_param_placeholder
-
+    parameter (a placeholder for which ``is_param`` is true) as a model dimension."""
     inputs, model_dims = [], set()
     for n in gm.graph.nodes:
         if n.op != "placeholder":
@@ -466,7 +464,7 @@ def graph_size_symbols(gm) -> SizeSymbols:
             shape = tuple(int(d) for d in ev.shape)
         except TypeError:          # symbolic sizes
             continue
-        if is_param_placeholder(n):
+        if is_param(n):
             model_dims |= set(shape)
         else:
             inputs.append((n.name, shape, ev.dtype.is_floating_point))

@@ -380,7 +380,7 @@ def unit_costs(info: GraphInfo) -> list[dict]:
     cache would hold, and the span (if any) that caches it."""
     rows = []
     try:
-        sym = graph_size_symbols(info.gm)
+        sym = graph_size_symbols(info.gm, is_param_placeholder)
     except Exception as e:            # the formulas are an extra; the numbers stand without them
         log.debug("omnicompile: no size symbols for graph %s: %s", info.graph_id, e)
         sym = None

@@ -148,7 +148,7 @@ def analyze_units(gm: fx.GraphModule, analysis) -> UnitGraph:
             spans[name] = sp
             if sp is None:
                 refused.append(why)
-    sym = graph_size_symbols(gm)
+    sym = graph_size_symbols(gm, is_param_placeholder)
     from omnicompile.graphs.plan import unit_dag
 
     dag = unit_dag(nodes, unit_nodes, stream_inputs=streams, chains=chains,
