@@ -120,18 +120,16 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float) -> fl
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class Trainer:
-    """All state of one training run; ``state_dict``/``load_state_dict`` make it resumable."""
+class FlowTrainer:
+    """What every reference-model training run shares: AdamW with warmup + cosine decay, gradient
+    clipping, an EMA of the weights (what is shipped), a seeded generator and resumable state.
+    Subclasses build ``transformer`` / ``label_encoder`` (after seeding) and define
+    :meth:`batch_loss` (draw a batch from ``self.gen``, return the rectified-flow loss)."""
 
-    def __init__(self, model_cfg: dict, train_cfg: dict, seed: int):
+    def __init__(self, model_cfg: dict, train_cfg: dict, seed: int, transformer: torch.nn.Module,
+                 label_encoder: torch.nn.Module):
         self.model_cfg, self.train_cfg, self.seed = model_cfg, train_cfg, seed
-        torch.manual_seed(seed)
-        self.transformer = build_transformer(model_cfg["transformer"])
-        adaln_zero_init(self.transformer)
-        tc = model_cfg["transformer"]
-        self.label_encoder = LabelEncoder(
-            model_cfg["num_text_tokens"], tc["joint_attention_dim"], tc["pooled_projection_dim"]
-        )
+        self.transformer, self.label_encoder = transformer, label_encoder
         self.modules = torch.nn.ModuleDict({"transformer": self.transformer, "label_encoder": self.label_encoder})
         self.ema = {k: v.detach().clone() for k, v in self.modules.state_dict().items()}
         self.opt = torch.optim.AdamW(
@@ -141,13 +139,6 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # seconds of training, summed over resumed runs
         self.loss_avg = None
-
-        x, y = load_digit_images(model_cfg["image_size"])
-        self.x0 = pack_images(x, model_cfg["patch_size"])  # [N, tokens, p*p] in [-1, 1]
-        self.y = y
-        grid = model_cfg["image_size"] // model_cfg["patch_size"]
-        self.img_ids = make_img_ids(grid)
-        self.txt_ids = make_txt_ids(model_cfg["num_text_tokens"])
 
     def state_dict(self) -> dict:
         return dict(
@@ -170,31 +161,15 @@ class Trainer:
         self.gen.set_state(sd["gen"])
         self.step, self.elapsed, self.loss_avg = sd["step"], sd["elapsed"], sd["loss_avg"]
 
-    def train_step(self) -> float:
-        tc, g = self.train_cfg, self.gen
-        b = tc["batch_size"]
-        idx = torch.randint(0, len(self.x0), (b,), generator=g)
-        x0, labels = self.x0[idx], self.y[idx].clone()
-        labels[torch.rand(b, generator=g) < tc["label_dropout"]] = NULL_CLASS
-        noise = torch.randn(x0.shape, generator=g)
-        s = torch.sigmoid(torch.randn(b, generator=g) * tc["logit_normal_std"])
-        xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
-        target = noise - x0
+    def batch_loss(self) -> torch.Tensor:
+        raise NotImplementedError
 
+    def train_step(self) -> float:
+        tc = self.train_cfg
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, tc["steps"], tc["lr"], tc["warmup"], tc["min_lr_ratio"])
         self.modules.train()
-        ehs, pooled = self.label_encoder(labels)
-        pred = self.transformer(
-            hidden_states=xt,
-            encoder_hidden_states=ehs,
-            pooled_projections=pooled,
-            timestep=s,
-            img_ids=self.img_ids,
-            txt_ids=self.txt_ids,
-            return_dict=False,
-        )[0]
-        loss = F.mse_loss(pred, target)
+        loss = self.batch_loss()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.modules.parameters(), tc["grad_clip"])
@@ -211,6 +186,45 @@ class Trainer:
         value = loss.item()
         self.loss_avg = value if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * value
         return value
+
+
+class Trainer(FlowTrainer):
+    """The image reference: the scikit-learn digits, packed into tokens."""
+
+    def __init__(self, model_cfg: dict, train_cfg: dict, seed: int):
+        torch.manual_seed(seed)
+        transformer = build_transformer(model_cfg["transformer"])
+        adaln_zero_init(transformer)
+        tc = model_cfg["transformer"]
+        label_encoder = LabelEncoder(model_cfg["num_text_tokens"], tc["joint_attention_dim"], tc["pooled_projection_dim"])
+        super().__init__(model_cfg, train_cfg, seed, transformer, label_encoder)
+        x, y = load_digit_images(model_cfg["image_size"])
+        self.x0 = pack_images(x, model_cfg["patch_size"])  # [N, tokens, p*p] in [-1, 1]
+        self.y = y
+        grid = model_cfg["image_size"] // model_cfg["patch_size"]
+        self.img_ids = make_img_ids(grid)
+        self.txt_ids = make_txt_ids(model_cfg["num_text_tokens"])
+
+    def batch_loss(self) -> torch.Tensor:
+        tc, g = self.train_cfg, self.gen
+        b = tc["batch_size"]
+        idx = torch.randint(0, len(self.x0), (b,), generator=g)
+        x0, labels = self.x0[idx], self.y[idx].clone()
+        labels[torch.rand(b, generator=g) < tc["label_dropout"]] = NULL_CLASS
+        noise = torch.randn(x0.shape, generator=g)
+        s = torch.sigmoid(torch.randn(b, generator=g) * tc["logit_normal_std"])
+        xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
+        ehs, pooled = self.label_encoder(labels)
+        pred = self.transformer(
+            hidden_states=xt,
+            encoder_hidden_states=ehs,
+            pooled_projections=pooled,
+            timestep=s,
+            img_ids=self.img_ids,
+            txt_ids=self.txt_ids,
+            return_dict=False,
+        )[0]
+        return F.mse_loss(pred, noise - x0)
 
 
 def save_checkpoint(trainer: Trainer, path: Path) -> None:

@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.models import NULL_CLASS, NUM_CLASSES  # noqa: E402
-from bench.train_reference import CACHE_DIR, lr_at, save_checkpoint, save_grid  # noqa: E402
+from bench.train_reference import CACHE_DIR, FlowTrainer, save_checkpoint, save_grid  # noqa: E402
 from bench.video import (  # noqa: E402
     MODEL_DEFAULTS,
     MODEL_FILE,
@@ -76,40 +76,16 @@ TRAIN_DEFAULTS = dict(
 )
 
 
-class VideoTrainer:
-    """All state of one training run; ``state_dict``/``load_state_dict`` make it resumable."""
+class VideoTrainer(FlowTrainer):
+    """The video reference: fresh moving-digit videos every step."""
 
     def __init__(self, model_cfg: dict, train_cfg: dict, seed: int):
-        self.model_cfg, self.train_cfg, self.seed = model_cfg, train_cfg, seed
         torch.manual_seed(seed)
-        self.transformer = build_transformer(model_cfg["transformer"])
-        zero_init(self.transformer)
-        self.label_encoder = build_label_encoder(model_cfg)
-        self.modules = torch.nn.ModuleDict({"transformer": self.transformer, "label_encoder": self.label_encoder})
-        self.ema = {k: v.detach().clone() for k, v in self.modules.state_dict().items()}
-        self.opt = torch.optim.AdamW(
-            self.modules.parameters(), lr=train_cfg["lr"], betas=(0.9, 0.99), weight_decay=train_cfg["weight_decay"]
-        )
-        self.gen = torch.Generator().manual_seed(seed)
-        self.step = 0
-        self.elapsed = 0.0
-        self.loss_avg = None
+        transformer = build_transformer(model_cfg["transformer"])
+        zero_init(transformer)
+        super().__init__(model_cfg, train_cfg, seed, transformer, build_label_encoder(model_cfg))
 
-    def state_dict(self) -> dict:
-        return dict(
-            model_cfg=self.model_cfg, train_cfg=self.train_cfg, seed=self.seed,
-            modules=self.modules.state_dict(), ema=self.ema, opt=self.opt.state_dict(),
-            gen=self.gen.get_state(), step=self.step, elapsed=self.elapsed, loss_avg=self.loss_avg,
-        )
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.modules.load_state_dict(sd["modules"])
-        self.ema = sd["ema"]
-        self.opt.load_state_dict(sd["opt"])
-        self.gen.set_state(sd["gen"])
-        self.step, self.elapsed, self.loss_avg = sd["step"], sd["elapsed"], sd["loss_avg"]
-
-    def train_step(self) -> float:
+    def batch_loss(self) -> torch.Tensor:
         tc, mc, g = self.train_cfg, self.model_cfg, self.gen
         b = tc["batch_size"]
         data = sample_moving_digits(b, g, mc["frames"], mc["canvas"], mc["digit_size"], mc["max_speed"])
@@ -120,33 +96,12 @@ class VideoTrainer:
         s = torch.sigmoid(torch.randn(b, generator=g) * tc["logit_normal_std"])
         sb = s[:, None, None, None, None]
         xt = (1 - sb) * x0 + sb * noise
-        target = noise - x0
-
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, tc["steps"], tc["lr"], tc["warmup"], tc["min_lr_ratio"])
-        self.modules.train()
         ehs = self.label_encoder(labels)[0]
         pred = self.transformer(
             hidden_states=xt, timestep=s * 1000.0, encoder_hidden_states=ehs,
             enable_temporal_attentions=True, return_dict=False,
         )[0]
-        loss = F.mse_loss(pred, target)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.modules.parameters(), tc["grad_clip"])
-        self.opt.step()
-
-        decay = min(tc["ema_decay"], (1 + self.step) / (10 + self.step))
-        with torch.no_grad():
-            for k, v in self.modules.state_dict().items():
-                if v.dtype.is_floating_point:
-                    self.ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                else:
-                    self.ema[k].copy_(v)
-        self.step += 1
-        value = loss.item()
-        self.loss_avg = value if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * value
-        return value
+        return F.mse_loss(pred, noise - x0)
 
 
 def write_weights(trainer: VideoTrainer, out: Path, guidance: float) -> None:
