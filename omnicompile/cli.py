@@ -577,10 +577,31 @@ def euler_sampler(model: Callable, example_kwargs: dict, steps: int,
     return x
 
 
-def cmd_calibrate(args, extra, progress: _Progress) -> int:
+def _generation(args, config, progress: _Progress, bar=None):
+    """SPEC compiled with an :class:`~omnicompile.OmniCache` of ``config`` and one generation of
+    it (``--sampler`` or :func:`euler_sampler`, returning the final sample): ``(oc, fn, steps)``."""
     import torch
 
     from omnicompile import OmniCache
+
+    steps = _steps(args, config)
+    spec_kwargs = _parse_json_arg(args.spec_kwargs, "--spec-kwargs")
+    sampler = _resolve(args.sampler, "--sampler") if args.sampler else None
+    progress(f"loading {args.spec}")
+    model, ex = load_spec(args.spec, spec_kwargs)
+    with _no_env_dump_dir():
+        oc = OmniCache(config)
+    compiled = torch.compile(model, backend=oc, dynamic=False)
+
+    def generation():
+        return sampler(compiled, ex, steps) if sampler is not None else euler_sampler(compiled, ex, steps, bar)
+
+    return oc, generation, steps
+
+
+def cmd_calibrate(args, extra, progress: _Progress) -> int:
+    import torch
+
     from omnicompile.errors import OmniCacheError
     from omnicompile.policies import POLICIES
 
@@ -592,22 +613,8 @@ def cmd_calibrate(args, extra, progress: _Progress) -> int:
     if config.policy not in names:
         raise UsageError(f"policy {config.policy!r} has no calibration; choose one of {', '.join(names)} "
                          f"with --options '{{\"policy\": \"{names[0]}\"}}'")
-    steps = _steps(args, config)
-    spec_kwargs = _parse_json_arg(args.spec_kwargs, "--spec-kwargs")
-    sampler = _resolve(args.sampler, "--sampler") if args.sampler else None
     out = Path(args.out or f"omnicache-calibration-{config.policy}.json")
-    progress(f"loading {args.spec}")
-    model, ex = load_spec(args.spec, spec_kwargs)
-    with _no_env_dump_dir():
-        oc = OmniCache(config)
-    compiled = torch.compile(model, backend=oc, dynamic=False)
-
-    def generation():
-        if sampler is not None:
-            sampler(compiled, ex, steps)
-        else:
-            euler_sampler(compiled, ex, steps, progress.bar)
-
+    oc, generation, steps = _generation(args, config, progress, progress.bar)
     progress(f"calibrating policy {config.policy} over {steps} steps (inner backend {config.inner_backend})")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -636,7 +643,6 @@ def cmd_calibrate(args, extra, progress: _Progress) -> int:
 def cmd_profile(args, extra, progress: _Progress) -> int:
     import torch
 
-    from omnicompile import OmniCache
     from omnicompile.errors import OmniCacheError
     from omnicompile.layered import dag_from_json, plan_profile, plan_text, profile
 
@@ -650,18 +656,7 @@ def cmd_profile(args, extra, progress: _Progress) -> int:
         config = OmniCacheConfig(**opts)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--options: {e}", e) from e
-    steps = _steps(args, config)
-    spec_kwargs = _parse_json_arg(args.spec_kwargs, "--spec-kwargs")
-    sampler = _resolve(args.sampler, "--sampler") if args.sampler else None
-    progress(f"loading {args.spec}")
-    model, ex = load_spec(args.spec, spec_kwargs)
-    with _no_env_dump_dir():
-        oc = OmniCache(config)
-    compiled = torch.compile(model, backend=oc, dynamic=False)
-
-    def generation():
-        return sampler(compiled, ex, steps) if sampler is not None else euler_sampler(compiled, ex, steps)
-
+    oc, generation, steps = _generation(args, config, progress)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     progress(f"profiling ({args.method}) over {steps} steps (inner backend {config.inner_backend})")
