@@ -13,7 +13,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["omnicompile", "omnicompile.passes", "omnicompile.graphs", "omnicompile.kernels"],
+    packages=["omnicompile", "omnicompile.cli", "omnicompile.dump", "omnicompile.runtime", "omnicompile.policies",
+              "omnicompile.policies.trajectory", "omnicompile.policies.layered",
+              "omnicompile.passes", "omnicompile.passes.merge", "omnicompile.graphs", "omnicompile.kernels"],
     package_dir={
         "omnicompile": "omnicompile",
         "omnicompile.passes": "passes",

@@ -6,7 +6,7 @@ check them against uniform intervals.
 
 Profiling: the reference (``bench.models.load_reference``) samples ``--labels`` with batched CFG
 over ``--steps`` Euler steps through ``OmniCache(policy="layered", inner_backend="eager")``;
-:func:`omnicompile.layered.profile` runs one generation with every unit computed, then one per
+:func:`omnicompile.policies.layered.profile` runs one generation with every unit computed, then one per
 (unit, step >= 1) reusing that unit at that step only, and records the relative L2 deviation of
 the final images (and the one-generation proxy, with its rank correlation).  Latency is the cost
 model's FLOPs.  The profile goes to ``--out`` (default ``bench/profiles/layered_reference_<steps>.json``);
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from omnicompile import OmniCache
-    from omnicompile.layered import Profile, dag_from_json, load_file, plan_profile, profile
+    from omnicompile.policies.layered import Profile, dag_from_json, load_file, plan_profile, profile
 
     out = Path(args.out or ROOT / "bench" / "profiles" / f"layered_reference_{args.steps}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

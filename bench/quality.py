@@ -570,16 +570,16 @@ class Harness:
         if fallback:
             row["notes"].append("not cached: " + "; ".join(fallback))
         row["omnicompile_graphs"] = len(rep.graphs)
-        row["report"] = rep.summary() if hasattr(rep, "summary") else None
+        row["report"] = rep.summary()
         sched = None
-        for rt in prep.oc.runtimes:
-            if getattr(rt, "schedule", None) is not None and spec.setting.get("policy", "").startswith("trajectory"):
-                sched = list(rt.schedule)
+        if spec.setting.get("policy", "").startswith("trajectory"):
+            for rt in prep.oc.runtimes:      # the reuse steps of its schedule, from the runtime's preview
+                sched = [t for t, d in enumerate(rt.preview(self.args.steps).decisions) if "reused" in d]
         if sched is not None:
             row["schedule"] = sched
             self.memo.setdefault(("trajectory-schedule", spec.setting.get("budget")), sched)
         for g in rep.graphs:
-            st = g.signal_stats() if hasattr(g, "signal_stats") else {}
+            st = g.signal_stats()
             if st:
                 row["signal_stats"] = st
                 break

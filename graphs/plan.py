@@ -4,19 +4,7 @@ OmniCache (multidimensional hierarchical, ``../shared/seeds/002_…`` §3.4, Alg
 Appendix B).  Pure functions over a networkx DAG and boolean tables, so the invariants below
 are property-tested on random DAGs and plans (tests/test_plan.py).
 
-**The DAG** (:func:`unit_dag` from an FX graph, :func:`make_dag` from lists).  Nodes:
-
-* ``kind="unit"`` — a cache unit (one transformer block, roughly).  ``cost``: its latency
-  (the cost model's FLOPs); ``cacheable``: whether the rewrite can reuse it; ``chain`` and
-  ``position``: the block group it belongs to and its index there (adjacent units of one chain
-  may share a guarded region).  A unit's parents are the units whose values it reads (stream
-  dependencies, through glue code if any).
-* ``kind="side"`` — a computation outside every unit that only units consume (rotary tables,
-  say), grouped by the set of units that consume it; edges go to those units.  Never reused:
-  it runs when one of its consumers computes.
-
-``dag.graph["fixed"]`` is the latency of everything else (prologue, glue, epilogue: always
-computed).  A call costs ``fixed + Σ unit + Σ side``; a generation ``steps`` calls.
+The unit DAG is :mod:`omnicompile.graphs.dag`.
 
 **A plan** is a table ``reuse[u][t]`` over the cacheable-or-not units (DAG order) and the
 steps of one generation: True = unit ``u`` reuses its cached residual at step ``t``
@@ -82,140 +70,14 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import networkx as nx
 
-__all__ = ["PlanError", "Region", "Plan", "make_dag", "unit_dag", "unit_names", "propose", "greedy_order",
-           "refine", "coalesce", "plan_layered", "check_plan", "saved_latency", "realize"]
+from .dag import PlanError, side_names, unit_names
 
-
-class PlanError(ValueError):
-    """A DAG, table or plan that the planner cannot use; the message names what is wrong."""
-
-
-# ============================================================================ DAG
-
-
-def make_dag(units: Sequence[str], edges: Iterable[tuple[str, str]] = (), cost: Optional[Mapping[str, float]] = None,
-             cacheable: Optional[Mapping[str, bool]] = None, sides: Optional[Mapping[str, tuple[float, Iterable[str]]]] = None,
-             chains: Optional[Mapping[str, tuple[str, int]]] = None, fixed: float = 0.0) -> nx.DiGraph:
-    """A DAG from lists.  ``units`` in execution order; ``edges`` between units;
-    ``sides``: ``{name: (cost, consumer units)}``; ``chains``: ``{unit: (chain, position)}``
-    (default: every unit its own chain)."""
-    g = nx.DiGraph(fixed=float(fixed))
-    for i, u in enumerate(units):
-        ch, pos = (chains or {}).get(u, (u, 0))
-        g.add_node(u, kind="unit", cost=float((cost or {}).get(u, 1.0)), cacheable=bool((cacheable or {}).get(u, True)),
-                   order=i, chain=ch, position=int(pos))
-    for a, b in edges:
-        if a not in g or b not in g:
-            raise PlanError(f"edge {a!r} -> {b!r} names a unit that is not in the DAG")
-        g.add_edge(a, b, kind="stream")
-    for i, (name, (c, consumers)) in enumerate((sides or {}).items()):
-        g.add_node(name, kind="side", cost=float(c), cacheable=False, order=-1 - i, chain=name, position=0)
-        for u in consumers:
-            if u not in g or g.nodes[u]["kind"] != "unit":
-                raise PlanError(f"side computation {name!r} lists consumer {u!r}, which is not a unit")
-            g.add_edge(name, u, kind="side")
-    if not nx.is_directed_acyclic_graph(g):
-        raise PlanError("the unit graph has a cycle")
-    return g
-
-
-def unit_names(dag: nx.DiGraph) -> list[str]:
-    """The units of the DAG in execution order (the rows of a plan)."""
-    return sorted((n for n, d in dag.nodes(data=True) if d["kind"] == "unit"), key=lambda n: dag.nodes[n]["order"])
-
-
-def _sides(dag: nx.DiGraph) -> list[str]:
-    return sorted((n for n, d in dag.nodes(data=True) if d["kind"] == "side"), key=lambda n: -dag.nodes[n]["order"])
-
-
-def unit_dag(nodes: Sequence, units: Mapping[str, Sequence], *, stream_inputs: Optional[Mapping[str, Iterable]] = None,
-             chains: Optional[Mapping[str, tuple[str, int]]] = None, cacheable: Optional[Mapping[str, bool]] = None,
-             cost: Optional[Callable[[Iterable], float]] = None) -> nx.DiGraph:
-    """The unit DAG of an FX graph.
-
-    ``nodes``: the graph's nodes in order; ``units``: ``{name: nodes of the unit}`` (in
-    execution order); ``stream_inputs``: per unit, the outside values it reads as streams
-    (they are needed even when the unit reuses: ``in + r``); ``cost(nodes) -> float`` the
-    latency of a set of nodes (default: FLOPs, :func:`omnicompile.graphs.cost.node_flops`).
-    Edges: unit ``a`` -> unit ``b`` when ``b`` reads a value computed in ``a`` (directly or
-    through glue code outside units).  Side computations: the non-unit nodes all of whose
-    readers are units reading them as side inputs (or other such nodes), grouped by the
-    set of units that finally consume them.
-    """
-    if cost is None:
-        from .cost import node_flops
-
-        def cost(ns):
-            return float(sum(node_flops(n) for n in ns))
-    unit_of = {}
-    for name, ns in units.items():
-        for n in ns:
-            unit_of[n] = name
-    streams = {name: set(stream_inputs.get(name, ())) if stream_inputs else set() for name in units}
-    compute_ops = ("call_function", "call_method", "call_module")
-    # units whose values a non-unit node carries (glue), memoised in graph order
-    carries: dict = {}
-    for n in nodes:
-        if n in unit_of:
-            continue
-        src: set = set()
-        for a in n.all_input_nodes:
-            if a in unit_of:
-                src.add(unit_of[a])
-            else:
-                src |= carries.get(a, set())
-        carries[n] = src
-    edges = set()
-    for n in nodes:
-        u = unit_of.get(n)
-        if u is None:
-            continue
-        for a in n.all_input_nodes:
-            pu = unit_of.get(a)
-            srcs = {pu} if pu is not None else carries.get(a, set())
-            for p in srcs:
-                if p != u:
-                    edges.add((p, u))
-    # side computations: reverse order, a node whose every reader is a side reader
-    side_of: dict = {}      # node -> frozenset of consumer units
-    for n in reversed(list(nodes)):
-        if n in unit_of or n.op not in compute_ops or not n.users:
-            continue
-        consumers: set = set()
-        ok = True
-        for usr in n.users:
-            if usr in unit_of:
-                if n in streams[unit_of[usr]]:
-                    ok = False
-                    break
-                consumers.add(unit_of[usr])
-            elif usr in side_of:
-                consumers |= side_of[usr]
-            else:
-                ok = False
-                break
-        if ok and consumers:
-            side_of[n] = frozenset(consumers)
-    groups: dict[frozenset, list] = {}
-    for n in nodes:
-        if n in side_of:
-            groups.setdefault(side_of[n], []).append(n)
-    names = list(units)
-    unit_cost = {name: cost(units[name]) for name in names}
-    sides = {}
-    for k, (cons, ns) in enumerate(sorted(groups.items(), key=lambda kv: min(names.index(u) for u in kv[0]))):
-        sides[f"side{k}"] = (cost(ns), sorted(cons, key=names.index))
-    in_units_or_sides = set(unit_of) | set(side_of)
-    fixed = cost([n for n in nodes if n not in in_units_or_sides and n.op in compute_ops])
-    dag = make_dag(names, sorted(edges, key=lambda e: (names.index(e[0]), names.index(e[1]))), unit_cost,
-                   cacheable, sides, chains, fixed)
-    for k, (cons, ns) in enumerate(sorted(groups.items(), key=lambda kv: min(names.index(u) for u in kv[0]))):
-        dag.nodes[f"side{k}"]["fx_nodes"] = [n.name for n in ns]
-    return dag
+__all__ = ["Region", "LayeredPlan", "propose", "greedy_order", "refine", "derive_plan", "coalesce", "plan_layered",
+           "check_plan", "saved_latency", "realize", "prune", "runs_ok"]
 
 
 # ============================================================================ plans
@@ -233,7 +95,7 @@ class Region:
 
 
 @dataclasses.dataclass
-class Plan:
+class LayeredPlan:
     units: list                 # unit names, DAG order
     steps: int
     reuse: list                 # [unit][step] -> bool
@@ -313,7 +175,7 @@ def realize(dag: nx.DiGraph, reuse) -> list:
     return out
 
 
-def _runs_ok(row: Sequence[bool], interval: int) -> bool:
+def runs_ok(row: Sequence[bool], interval: int) -> bool:
     run = 0
     for x in row:
         run = run + 1 if x else 0
@@ -415,7 +277,7 @@ def _parent_units(dag: nx.DiGraph, u: str) -> list[str]:
     return [p for p in dag.predecessors(u) if dag.nodes[p]["kind"] == "unit"]
 
 
-def _prune(dag: nx.DiGraph, reuse: list, interval: int) -> None:
+def prune(dag: nx.DiGraph, reuse: list, interval: int) -> None:
     """Step 1 (in place): reuse without a cache, of a free or non-cacheable unit, or past
     the interval becomes a refresh."""
     for i, u in enumerate(unit_names(dag)):
@@ -486,7 +348,7 @@ def _dropped(dag: nx.DiGraph, reuse: list) -> dict:
     idx = {u: i for i, u in enumerate(unit_names(dag))}
     steps = len(reuse[0]) if reuse else 0
     out = {}
-    for s in _sides(dag):
+    for s in side_names(dag):
         cons = [idx[c] for c in dag.successors(s)]
         out[s] = [bool(cons) and all(reuse[c][t] for c in cons) for t in range(steps)]
     return out
@@ -528,23 +390,28 @@ def coalesce(dag: nx.DiGraph, reuse: Sequence[Sequence[bool]]) -> list[Region]:
     return regions
 
 
-def refine(dag: nx.DiGraph, reuse: Sequence[Sequence[bool]], interval: int) -> Plan:
+def refine(dag: nx.DiGraph, reuse: Sequence[Sequence[bool]], interval: int) -> LayeredPlan:
     """Algorithms 2–3: the refined plan of a proposal (the table is not modified)."""
     if interval < 1:
         raise PlanError(f"caching interval must be >= 1, got {interval}")
     table, steps = _check_table(dag, reuse)
-    _prune(dag, table, interval)
+    prune(dag, table, interval)
     _align(dag, table, interval)
-    _prune(dag, table, interval)   # recalculated counters: alignment never adds unfounded reuse
+    prune(dag, table, interval)   # recalculated counters: alignment never adds unfounded reuse
+    return derive_plan(dag, table, steps)
+
+
+def derive_plan(dag: nx.DiGraph, table: list, steps: int) -> LayeredPlan:
+    """The plan of a reuse table taken as it is (steps 3–5: dropped side work, cache writes,
+    regions, latencies) — :func:`refine` after pruning and alignment, or a table read from a
+    file that :func:`check_plan` is to judge."""
     dropped = _dropped(dag, table)
-    writes = _writes(table)
-    regions = coalesce(dag, table)
-    return Plan(unit_names(dag), steps, table, dropped, writes, regions,
-                saved_latency(dag, table, dropped), _total(dag, steps))
+    return LayeredPlan(unit_names(dag), steps, table, dropped, _writes(table), coalesce(dag, table),
+                       saved_latency(dag, table, dropped), _total(dag, steps))
 
 
 def plan_layered(dag: nx.DiGraph, weights: Sequence[Sequence[float]], target_speedup: float, interval: int,
-                 protected: Iterable[int] = (), staleness: bool = True) -> Plan:
+                 protected: Iterable[int] = (), staleness: bool = True) -> LayeredPlan:
     """Algorithm 1 and refinement: the shortest prefix of the greedy order whose refined
     plan saves ``1 - 1/target_speedup`` of the generation (see the module docstring)."""
     if target_speedup < 1:
@@ -576,7 +443,7 @@ def plan_layered(dag: nx.DiGraph, weights: Sequence[Sequence[float]], target_spe
 # ---------------------------------------------------------------------------- invariants
 
 
-def check_plan(dag: nx.DiGraph, plan: Plan, interval: int) -> list[str]:
+def check_plan(dag: nx.DiGraph, plan: LayeredPlan, interval: int) -> list[str]:
     """The invariants of the module docstring that ``plan`` breaks (empty: none)."""
     bad: list[str] = []
     units = unit_names(dag)
@@ -586,7 +453,6 @@ def check_plan(dag: nx.DiGraph, plan: Plan, interval: int) -> list[str]:
     R = plan.reuse
     S = plan.steps
     for i, u in enumerate(units):
-        d = dag.nodes[u]
         has = False
         run = 0
         for t in range(S):
@@ -604,7 +470,7 @@ def check_plan(dag: nx.DiGraph, plan: Plan, interval: int) -> list[str]:
                     for p in _parent_units(dag, u):
                         if R[idx[p]][t]:
                             bad.append(f"aligned: {u} refreshes at step {t} while its parent {p} reuses")
-    for s in _sides(dag):
+    for s in side_names(dag):
         cons = [idx[c] for c in dag.successors(s)]
         for t in range(S):
             want = bool(cons) and all(R[c][t] for c in cons)

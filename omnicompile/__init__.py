@@ -5,21 +5,24 @@ denoising steps.
     oc = omnicompile.OmniCache(policy="static", reuse_steps=[4, 6, 8])
     model = torch.compile(transformer, backend=oc); ...; print(oc.report())
 
-Importing this package registers the ``omnicache`` backend name with Dynamo; a fresh
-process finds it without the import through the ``torch_dynamo_backends`` entry point.
+Importing this package registers the ``omnicache`` backend name with Dynamo and the built-in
+policies (:mod:`omnicompile.policies`); a fresh process finds the backend without the import
+through the ``torch_dynamo_backends`` entry point.  A policy of one's own implements
+:mod:`omnicompile.policy` and registers with :func:`register_policy`.
 """
 from __future__ import annotations
 
 from omnicompile.config import OmniCacheConfig
-from omnicompile.errors import CalibrationError, ConfigError, OmniCacheError, RewriteError
-from omnicompile.policies import POLICIES, register_policy
-from omnicompile import trajectory as _trajectory  # registers the trajectory policies
-from omnicompile import layered as _layered  # registers the layered policy
+from omnicompile.errors import CalibrationError, ConfigError, OmniCacheError, RewriteError, ScheduleError
+from omnicompile.registry import POLICIES, register_policy
+from omnicompile.policy import Policy, SchedulePolicy
+from omnicompile import policies as _policies  # noqa: F401  (registers the built-in policies)
 from omnicompile.backend import OmniCache, last_report, omnicache_backend
 from omnicompile.report import Report
 
 __all__ = ["OmniCache", "OmniCacheConfig", "ConfigError", "OmniCacheError", "RewriteError", "CalibrationError",
-           "POLICIES", "register_policy", "omnicache_backend", "last_report", "Report"]
+           "ScheduleError", "POLICIES", "register_policy", "Policy", "SchedulePolicy", "omnicache_backend",
+           "last_report", "Report"]
 __version__ = "0.1.0"
 
 

@@ -4,37 +4,48 @@
 
 1. analysis passes (``omnicompile.passes``): repeated blocks, units, streams, spans, the
    timestep input;
-2. the policy (``omnicompile.policies``) says whether the graph is rewritten at all;
-3. the rewrite (guarded reuse branches) and the inner backend (Inductor, or eager) build
-   the compiled callables, held by a :class:`~omnicompile.runtime.GraphRuntime`.
+2. the token / frame / block caches, when their ratios are set, plan their regions and wrap
+   the inner compiler (:class:`~omnicompile.merging.MergeLayer`: a layer under any policy);
+3. the policy (:mod:`omnicompile.policy`) rewrites the graph and builds its runtime
+   (``policy.make_runtime(ctx)``), which compiles the rewritten graphs with the inner backend
+   (Inductor, or eager) and is what Dynamo calls from then on.
 
-Whenever any of that cannot be done safely — no repeated blocks, no timestep input, a span
-whose outputs are not streams, a training graph, an exception in a rewrite — the original
-graph goes to the inner backend unchanged and the graph's report carries the reason.
+Where caching cannot be done safely — no repeated blocks, no timestep input, a span whose
+outputs are not streams, a training graph — the pass or the policy says so with a
+:class:`~omnicompile.passes.common.Reason` (or raises
+:class:`~omnicompile.errors.RewriteError`, which carries one): a *deliberate refusal*.  The
+original graph then goes to the inner backend unchanged and the graph's report names the
+decisive reason.  Any other exception is a bug: with ``strict=True`` (or
+``OMNICACHE_STRICT=1``; the test suite runs strict) it propagates; otherwise the graph is
+compiled unchanged with the reason ``internal_error`` and the traceback is logged — a bug of
+ours must never break the user's model.  Configuration and calibration errors
+(:class:`~omnicompile.errors.OmniCacheError`) are the user's to fix and always propagate.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
 
 from omnicompile.config import OmniCacheConfig
-from omnicompile.errors import CalibrationError, OmniCacheError
+from omnicompile.errors import CalibrationError, OmniCacheError, RewriteError
+from omnicompile.merging import MergeLayer, MergeRuntime
 from omnicompile.passes.blocks import find_blocks
-from omnicompile.passes.common import Reason, is_param_placeholder
+from omnicompile.passes.common import Reason
 from omnicompile.passes.spans import find_spans
-from omnicompile.policies import make_policy
-from omnicompile.report import GraphReport, Report, SpanReport
+from omnicompile.registry import make_policy, policy_class
+from omnicompile.report import GraphReport, Report
+from omnicompile.runtime.base import Runtime, RuntimeContext, span_reports
 
 log = logging.getLogger("omnicompile")
 
-__all__ = ["OmniCache", "omnicache_backend", "inner_compiler"]
-
-_graph_ids = itertools.count()
+__all__ = ["OmniCache", "CompiledGraph", "omnicache_backend", "inner_compiler", "last_report", "recording",
+           "decisive_reason"]
 
 
 def inner_compiler(name: str) -> Callable[[fx.GraphModule, list], Callable]:
@@ -44,66 +55,99 @@ def inner_compiler(name: str) -> Callable[[fx.GraphModule, list], Callable]:
     return compile_fx
 
 
+class CompiledGraph(NamedTuple):
+    """One graph an :class:`OmniCache` compiled: its report, and its runtime (None when the
+    graph was compiled unchanged)."""
+    report: GraphReport
+    runtime: Optional[Runtime]
+
+
+#: lists that collect every OmniCache created while a ``recording()`` block runs
+_recorders: list[list] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list]:
+    """Collect the :class:`OmniCache` objects created inside the block (including the ones
+    ``backend="omnicache"`` creates): ``with recording() as created: ...``."""
+    created: list = []
+    _recorders.append(created)
+    try:
+        yield created
+    finally:
+        _recorders.remove(created)
+
+
 class OmniCache:
     """The backend object: ``torch.compile(model, backend=OmniCache(policy=..., ...))``.
 
     Accepts the fields of :class:`~omnicompile.config.OmniCacheConfig` as keywords (or a
-    config/dict as the single positional argument).  Keeps one report per compiled graph.
+    config/dict as the single positional argument).  Keeps one report per compiled graph;
+    graph ids count from 0 per object.
     """
 
     __name__ = "omnicache"  # torch.compile names the compiler after this
 
     def __init__(self, config: Optional[OmniCacheConfig | dict] = None, **fields):
         self.config = OmniCacheConfig.from_options(config, **fields)
-        self._graphs: list[tuple[GraphReport, Optional[object]]] = []
+        self._graphs: list[CompiledGraph] = []
+        self._ids = itertools.count()
         self._calibrating = False
+        for created in _recorders:
+            created.append(self)
 
     # ------------------------------------------------------------------ public
+    @property
+    def graphs(self) -> list[CompiledGraph]:
+        """Every graph compiled so far, in order: ``(report, runtime)``."""
+        return list(self._graphs)
+
+    @property
+    def runtimes(self) -> list[Runtime]:
+        return [g.runtime for g in self._graphs if g.runtime is not None]
+
     def report(self) -> Report:
-        for _, rt in self._graphs:
-            if rt is not None:
-                rt.flush()
-        return Report([r for r, _ in self._graphs])
+        for rt in self.runtimes:
+            rt.flush()
+        return Report([g.report for g in self._graphs])
 
     def reset(self) -> None:
         """Forget every cache and step counter (the next call starts a new generation)."""
-        for _, rt in self._graphs:
-            if rt is not None:
-                rt.reset()
-
-    @property
-    def runtimes(self) -> list:
-        return [rt for _, rt in self._graphs if rt is not None]
+        for rt in self.runtimes:
+            rt.reset()
 
     def calibrate(self, fn: Callable[[], object], path: Optional[str] = None) -> list:
         """Run ``fn`` (one full generation) as the calibration of every calibratable graph
-        (policy ``trajectory``): each step is computed and measured; afterwards the
-        schedule is derived.  Returns the calibrations; ``path`` saves them as JSON
+        (policies ``trajectory`` and ``layered``): each step is computed and measured; then
+        the schedule is derived.  Returns the new calibrations; ``path`` saves them as JSON
         (``path`` itself for one graph, ``path`` with ``.N`` before the suffix for more)."""
-        if not getattr(make_policy(self.config), "calibratable", False):
-            raise CalibrationError(f"policy {self.config.policy!r} has nothing to calibrate; "
-                                   "use policy 'trajectory' (or its presets)")
+        if not policy_class(self.config.policy).calibratable:
+            raise CalibrationError(f"policy {self.config.policy!r} has nothing to calibrate; use policy "
+                                   "'trajectory' (or its presets) or 'layered'")
+        before = {id(rt): rt.calibrator.result for rt in self.runtimes if rt.calibrator is not None}
         for rt in self.runtimes:
-            if hasattr(rt, "force_calibrate"):
-                rt.force_calibrate = True
+            if rt.calibrator is not None:
+                rt.calibrator.request()
         self._calibrating = True
         try:
             fn()
         finally:
             self._calibrating = False
-        cals = []
+        done = []
         for rt in self.runtimes:
-            if getattr(rt, "calibrating", False):
-                rt._finish_calibration()
-            if getattr(rt, "calibration", None) is not None:
-                cals.append(rt.calibration)
-        if not cals:
+            c = rt.calibrator
+            if c is None:
+                continue
+            c.finish()
+            if c.result is not None and c.result is not before.get(id(rt)):
+                done.append(c)
+        if not done:
             raise CalibrationError("the calibration function ran no generation through this backend")
         if path is not None:
             root, ext = os.path.splitext(os.fspath(path))
-            for i, cal in enumerate(cals):
-                cal.save(os.fspath(path) if len(cals) == 1 else f"{root}.{i}{ext}")
-        return cals
+            for i, c in enumerate(done):
+                c.save(os.fspath(path) if len(done) == 1 else f"{root}.{i}{ext}")
+        return [c.result for c in done]
 
     # ------------------------------------------------------------------ backend
     def __call__(self, gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
@@ -112,106 +156,105 @@ class OmniCache:
         if mode not in (None, "default"):
             log.warning("omnicache ignores torch.compile mode=%r; Inductor options go through "
                         "the inner backend's defaults", mode)
-        gid = next(_graph_ids)
         policy = make_policy(cfg)
-        report = GraphReport(graph_id=gid, nodes=len(gm.graph.nodes), cached=False,
+        report = GraphReport(graph_id=next(self._ids), nodes=len(gm.graph.nodes), cached=False,
                              policy=policy.describe(), inner_backend=cfg.inner_backend)
         inner = inner_compiler(cfg.inner_backend)
-        blocks = analysis = None          # read (late-bound) by the dump below
-
-        def fallback(reason: Reason, warn: bool = True):
-            report.fallback = reason
-            if warn:
-                log.warning("omnicache: graph %d compiled without caching: %s", gid, reason)
-            self._graphs.append((report, None))
-            self._write_dump(cfg, gm, report, None, blocks, analysis)
-            return inner(gm, example_inputs)
-
-        from omnicompile.tokens import token_cache_enabled
-
-        merging = token_cache_enabled(cfg)
-        if not policy.rewrites and not merging:
-            return fallback(Reason("policy_none", f"policy {cfg.policy!r} does not rewrite graphs"), warn=False)
+        found: dict = {}                 # the analysis results, for the dump
         try:
-            blocks = find_blocks(gm)
-            report.block_lists = blocks.summary()
-            analysis = find_spans(gm, blocks)
-        except Exception as e:  # an analysis bug must never break the user's model
-            log.exception("omnicache: analysis failed")
-            return fallback(Reason("analysis_failed", f"{type(e).__name__}: {e}"))
+            built = self._build(gm, example_inputs, cfg, policy, report, inner, found)
+        except RewriteError as e:        # a deliberate refusal from deep inside a rewrite
+            built = e.reason
+        except OmniCacheError:
+            raise                        # the user's configuration or calibration: never ignored
+        except Exception as e:
+            if cfg.strict:
+                raise
+            log.exception("omnicache: graph %d: internal error, compiled without caching", report.graph_id)
+            built = Reason("internal_error", f"{type(e).__name__}: {e} (a bug in omnicompile: the graph runs "
+                           f"uncached; OMNICACHE_STRICT=1 raises it)")
+        if isinstance(built, Reason):
+            report.fallback = built
+            if built.code != "policy_none":
+                log.warning("omnicache: graph %d compiled without caching: %s", report.graph_id, built)
+            self._graphs.append(CompiledGraph(report, None))
+            self._write_dump(cfg, gm, report, None, found)
+            return inner(gm, example_inputs)
+        report.cached = True
+        if self._calibrating and built.calibrator is not None:
+            built.calibrator.request()
+        self._graphs.append(CompiledGraph(report, built))
+        self._write_dump(cfg, gm, report, built, found)
+        return built
+
+    def _build(self, gm, example_inputs, cfg, policy, report, inner, found) -> "Runtime | Reason":
+        """The runtime of ``gm``, or the reason it is compiled unchanged."""
+        merging = cfg.merge.enabled
+        if not policy.rewrites and not merging:
+            return Reason("policy_none", f"policy {cfg.policy!r} does not rewrite graphs")
+        blocks = found["blocks"] = find_blocks(gm)
+        report.block_lists = blocks.summary()
+        analysis = found["analysis"] = find_spans(gm, blocks)
         report.refused = list(blocks.reasons) + list(analysis.refused)
-        report.spans = [SpanReport(s.name, s.last_unit - s.first_unit + 1, [st.name for st in s.live_streams],
-                                   [n.name for n in s.side_inputs], s.flops) for s in analysis.spans]
+        report.spans = span_reports(analysis.spans)
         report.timestep_input = analysis.timestep.name if analysis.timestep is not None else None
         report.flops_per_call = _graph_flops(gm)
-        compile_fn = inner
-        if merging:   # token / frame / block caches: plan once, rewrite every graph compiled below
-            compile_fn, token_reasons = _token_compiler(gm, blocks, cfg, report, inner)
-            report.refused.extend(token_reasons)
-            if not policy.rewrites or not analysis.spans:
-                return self._token_only(gm, example_inputs, analysis, cfg, policy, report, compile_fn,
-                                        fallback, blocks)
-        if not analysis.spans:
-            first = next((r for r in report.refused if r.code != "no_module_metadata"), None)
-            return fallback(first or Reason("no_spans", "no cacheable span"))
+        merge = None
+        if merging:    # token / frame / block caches: planned once, wrap every graph compiled below
+            merge = MergeLayer.for_graph(gm, blocks, cfg.merge, report, strict=cfg.strict)
+            report.refused.extend(merge.refused)
+            if not merge.wraps:
+                merge = None
+        steps = policy.rewrites and bool(analysis.spans)
+        if merging and not steps:        # the token / frame / block caches alone
+            if merge is None:
+                first = next((r for r in report.refused if r.code.startswith("merge_")), None)
+                return first or Reason("merge_nothing", "no region wrapped by the token/frame/block caches")
+        elif not analysis.spans:
+            return decisive_reason(blocks, analysis)
         why = _not_inference(analysis, example_inputs)
         if why is not None:
-            return fallback(why)
-        guard = cfg.guard if cfg.guard != "auto" else ("variants" if policy.static else "cond")
-        report.guard = guard
-        try:
-            rt = policy.runtime_class()(gm, example_inputs, analysis, cfg, policy, report, compile_fn, guard)
-            if compile_fn is not inner:
-                compile_fn.state.bind(rt.tracker)
-            if self._calibrating and hasattr(rt, "force_calibrate"):
-                rt.force_calibrate = True
-        except CalibrationError:
-            raise   # the user named a calibration that does not fit: say so, never ignore it
-        except OmniCacheError as e:
-            return fallback(Reason(getattr(e, "code", "rewrite_failed"), str(e), getattr(e, "subject", "")))
-        except Exception as e:
-            log.exception("omnicache: rewrite or inner compile failed")
-            return fallback(Reason("rewrite_failed", f"{type(e).__name__}: {e}"))
-        report.cached = True
-        report.spans = [SpanReport(s.name, s.last_unit - s.first_unit + 1, [st.name for st in s.live_streams],
-                                   [n.name for n in s.side_inputs], s.flops) for s in rt.spans]
-        self._graphs.append((report, rt))
-        self._write_dump(cfg, gm, report, rt, blocks, analysis)
-        return rt
-
-    def _token_only(self, gm, example_inputs, analysis, cfg, policy, report, compile_fn, fallback, blocks):
-        """Token / frame / block caches without a step policy (``policy="none"`` or no cacheable
-        span): :class:`~omnicompile.tokens.TokenRuntime` or, where nothing is wrapped, the
-        unchanged graph."""
-        from omnicompile.tokens import TokenCompiler, TokenRuntime
-
-        if not isinstance(compile_fn, TokenCompiler):
-            first = next((r for r in report.refused if r.code.startswith("merge_")), None)
-            return fallback(first or Reason("merge_nothing", "no region wrapped by the token/frame/block caches"))
-        why = _not_inference(analysis, example_inputs)
-        if why is not None:
-            return fallback(why)
-        try:
-            rt = TokenRuntime(gm, example_inputs, analysis, cfg, policy, report, compile_fn)
-            compile_fn.state.bind(rt.tracker)
-        except Exception as e:
-            log.exception("omnicache: token cache rewrite or inner compile failed")
-            return fallback(Reason("rewrite_failed", f"{type(e).__name__}: {e}"))
-        report.cached = True
-        report.guard = "tokens"
-        report.spans = []
-        self._graphs.append((report, rt))
-        self._write_dump(cfg, gm, report, rt, blocks, analysis)
+            return why
+        guard = cfg.guard if cfg.guard != "auto" else policy.guards[0]
+        ctx = RuntimeContext(gm, example_inputs, blocks, analysis, cfg, report,
+                             merge.compiler(inner) if merge is not None else inner,
+                             guard if steps else "tokens", merge)
+        if steps:
+            rt = policy.make_runtime(ctx)
+        else:
+            rt = MergeRuntime(ctx)
+        report.guard = ctx.guard
         return rt
 
     @staticmethod
-    def _write_dump(cfg, gm, report, rt, blocks, analysis) -> None:
-        """With ``dump_dir`` set: the full dump of this graph (omnicompile.dump); never raises."""
+    def _write_dump(cfg, gm, report, rt, found) -> None:
+        """With ``dump_dir`` set: the full dump of this graph (omnicompile.dump)."""
         if not cfg.dump_dir:
             return
         from omnicompile.dump import write_graph_dump
-        write_graph_dump(cfg.dump_dir, report.graph_id, gm, report, rt, config=cfg,
-                         blocks=blocks, analysis=analysis)
+        write_graph_dump(cfg.dump_dir, report.graph_id, gm, report, rt, config=cfg, blocks=found.get("blocks"),
+                         analysis=found.get("analysis"), strict=cfg.strict)
+
+
+def decisive_reason(blocks, analysis) -> Reason:
+    """Why a graph has no cacheable span, the decisive reason first: symbolic stream shapes
+    (every span of the graph is refused for them); with block lists found, the refusals of
+    their spans; without, what kept the lists from being found (``no_module_metadata`` and
+    ``partial_list`` are notes: the blocks were found another way, or without their odd
+    members).  A missing timestep is decided later (it refuses a graph *with* spans)."""
+    spans = [r for r in analysis.refused if r.code != "no_timestep"]
+    for r in spans:
+        if r.code == "dynamic_shape":
+            return r
+    if analysis.groups and spans:
+        return spans[0]
+    notes = ("no_module_metadata", "partial_list")
+    for r in blocks.reasons:
+        if r.code not in notes:
+            return r
+    for r in list(spans) + list(blocks.reasons) + list(analysis.refused):
+        return r
+    return Reason("no_spans", "no cacheable span")
 
 
 def _not_inference(analysis, example_inputs) -> Optional[Reason]:
@@ -224,43 +267,30 @@ def _not_inference(analysis, example_inputs) -> Optional[Reason]:
     return None
 
 
-def _token_compiler(gm, blocks, cfg, report, inner):
-    """Plan the token / frame / block caches on ``gm``: (a TokenCompiler wrapping ``inner``,
-    or ``inner`` where nothing is wrapped; the refusals)."""
-    from omnicompile.tokens import TokenCompiler, TokenState, plan_for_config
-
-    try:
-        plan = plan_for_config(gm, blocks, cfg)
-    except Exception as e:  # a planning bug must never break the user's model
-        log.exception("omnicache: token cache planning failed")
-        return inner, [Reason("merge_failed", f"{type(e).__name__}: {e}")]
-    state = TokenState(plan, report)
-    if not plan.wraps:
-        return inner, plan.refused
-    return TokenCompiler(inner, plan, state), plan.refused
-
-
 def _graph_flops(gm: fx.GraphModule) -> int:
     from omnicompile.graphs.cost import node_flops
     return sum(node_flops(n) for n in gm.graph.nodes)
 
 
-_string_instances: list[OmniCache] = []
+#: the OmniCache objects behind ``backend="omnicache"``, one per distinct options (at most 16)
+_string_instances: dict[OmniCacheConfig, OmniCache] = {}
 
 
 def omnicache_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
                       mode: Optional[str] = None):
     """``torch.compile(model, backend="omnicache", options={...})`` lands here.
 
-    Each compiled graph gets its own :class:`OmniCache`; ``omnicompile.last_report()``
-    returns the report of the most recent one.
-    """
-    oc = OmniCache(options or {})
-    _string_instances.append(oc)
-    del _string_instances[:-16]
+    The graphs compiled with the same options share one :class:`OmniCache` (its graph ids
+    count 0, 1, ...); ``omnicompile.last_report()`` returns their reports."""
+    cfg = OmniCacheConfig.from_options(options or {})
+    oc = _string_instances.pop(cfg, None) or OmniCache(cfg)
+    _string_instances[cfg] = oc                       # most recently used last
+    while len(_string_instances) > 16:
+        del _string_instances[next(iter(_string_instances))]
     return oc(gm, example_inputs, mode=mode)
 
 
 def last_report() -> Report:
-    """The report of the graphs compiled through ``backend="omnicache"`` (most recent last)."""
-    return Report([g for oc in _string_instances for g in oc.report().graphs])
+    """The report of the graphs compiled through ``backend="omnicache"`` (the most recently
+    used options last)."""
+    return Report([g for oc in _string_instances.values() for g in oc.report().graphs])

@@ -23,11 +23,17 @@ import os
 from typing import Any, Optional
 
 from omnicompile.errors import ConfigError
+from omnicompile.passes.errors import OptionError
+from omnicompile.passes.merge.options import MergeOptions
+from omnicompile.registry import POLICIES
 
-__all__ = ["OmniCacheConfig", "GUARDS", "INNER_BACKENDS"]
+__all__ = ["OmniCacheConfig", "GUARDS", "INNER_BACKENDS", "STRICT_ENV"]
 
 GUARDS = ("auto", "variants", "cond")
 INNER_BACKENDS = ("inductor", "eager")
+#: environment variable that turns strict mode on (``OMNICACHE_STRICT=1``)
+STRICT_ENV = "OMNICACHE_STRICT"
+_MERGE = MergeOptions()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +62,7 @@ class OmniCacheConfig:
     budget: float = 0.4
     #: trajectory: "first" (calibrate on the first generation of each shape), a JSON path
     #: written by oc.calibrate / `omnicache calibrate`, or None (only oc.calibrate(fn));
-    #: layered: the same, the file being a profile or a schedule (omnicompile.layered)
+    #: layered: the same, the file being a profile or a schedule (omnicompile.policies.layered)
     calibrate: Optional[str] = "first"
     #: trajectory: remove the predicted cache-induced noise gamma_s * q while reusing
     correction: bool = True
@@ -100,43 +106,26 @@ class OmniCacheConfig:
     #: layered: caching interval N of Algorithm 1 — no unit reuses more than N - 1 steps in a
     #: row (the paper: N = 5 on SD3); 1 = never reuse
     cache_interval: int = 5
-    #: token cache (OmniCache, any policy): fraction of the tokens of a frame skipped in the
-    #: wrapped spatial blocks and filled from the previous step (0 = off; the paper: <= 0.4)
-    token_ratio: float = 0.0
-    #: frame cache: fraction of the frames skipped in the spatial blocks of a video model
-    frame_ratio: float = 0.0
-    #: block cache: fraction of the spatial positions skipped in the temporal blocks
-    block_ratio: float = 0.0
-    #: token / block caches: match tokens only within k x k patches (hierarchical caching)
-    patch: Optional[int] = None
-    #: token / frame / block caches: also merge the feed-forward (False: the paper's choice,
-    #: only the attention part of a block runs on the kept rows)
-    merge_ffn: bool = False
-    #: token / frame / block caches: blocks at each end of a block list never merged
-    merge_exclude: int = 1
-    #: token / frame / block caches: what a skipped row gets, "auto" ("residual" where the
-    #: region's output is a residual stream of its input, else "output"; residual measured
-    #: 3-17 dB better on the video reference), "output" (last step's output of
-    #: the wrapped region), "residual" (this step's input + last step's output - input) or
-    #: "interpolate" (this step's output of the dst row it matched: no cache, the paper's
-    #: interpolation baseline)
-    merge_fill: str = "auto"
-    #: token / frame / block caches: "paper" (S2T/T2S: token and frame caches in spatial layers,
-    #: block cache in temporal ones) or "swapped" (the paper's S2S/T2T ablation: frame cache in
-    #: temporal layers, block cache in spatial ones; the token cache is refused)
-    merge_placement: str = "paper"
-    #: token / frame / block caches: the src/dst split changes from step to step (the dst
-    #: position in each 2x2 cell, the dst frame parity, cycle with the call index), so no row
-    #: is src at every step and none keeps step 0's value for the whole generation
-    merge_rotate: bool = True
-    #: token / frame / block caches: every N-th call of a generation (k % N == 0; the step index
-    #: with policy "none", computed steps with a step policy) runs the full graph, refreshing
-    #: every cached row; None = only the first call
-    merge_refresh: Optional[int] = None
+    #: token / frame / block caches (any policy): the fields of
+    #: :class:`omnicompile.passes.merge.MergeOptions`, with its defaults and validation
+    #: (documented there): token_ratio, frame_ratio, block_ratio, patch, merge_ffn,
+    #: merge_exclude, merge_fill, merge_placement, merge_rotate, merge_refresh
+    token_ratio: float = _MERGE.token_ratio
+    frame_ratio: float = _MERGE.frame_ratio
+    block_ratio: float = _MERGE.block_ratio
+    patch: Optional[int] = _MERGE.patch
+    merge_ffn: bool = _MERGE.merge_ffn
+    merge_exclude: int = _MERGE.merge_exclude
+    merge_fill: str = _MERGE.merge_fill
+    merge_placement: str = _MERGE.merge_placement
+    merge_rotate: bool = _MERGE.merge_rotate
+    merge_refresh: Optional[int] = _MERGE.merge_refresh
+    #: strict mode: any exception during analysis, rewrite or dump propagates instead of the
+    #: graph being compiled uncached (deliberate refusals still fall back, with their reason).
+    #: Also ``OMNICACHE_STRICT=1``.  The test suite runs strict.
+    strict: bool = False
 
     def __post_init__(self):
-        from omnicompile.policies import POLICIES  # registry is filled at import time
-
         _check_type("policy", self.policy, str)
         if self.policy not in POLICIES:
             raise ConfigError("policy", self.policy, f"allowed: {', '.join(sorted(POLICIES))}")
@@ -201,32 +190,22 @@ class OmniCacheConfig:
         _check_type("cache_interval", self.cache_interval, int)
         if self.cache_interval < 1:
             raise ConfigError("cache_interval", self.cache_interval, "must be an integer >= 1")
-        for name in ("token_ratio", "frame_ratio", "block_ratio"):
-            _check_number(name, getattr(self, name), lo=0.0, hi=1.0, hi_open=True)
-        if self.patch is not None:
-            _check_type("patch", self.patch, int)
-            if self.patch < 1:
-                raise ConfigError("patch", self.patch, "must be None or an integer >= 1 (k x k patches)")
-        if not isinstance(self.merge_ffn, bool):
-            raise ConfigError("merge_ffn", self.merge_ffn, "must be True or False")
-        _check_type("merge_exclude", self.merge_exclude, int)
-        if self.merge_exclude < 0:
-            raise ConfigError("merge_exclude", self.merge_exclude, "must be an integer >= 0")
-        _check_choice("merge_fill", self.merge_fill, ("auto", "output", "residual", "interpolate"))
-        _check_choice("merge_placement", self.merge_placement, ("paper", "swapped"))
-        if not isinstance(self.merge_rotate, bool):
-            raise ConfigError("merge_rotate", self.merge_rotate, "must be True or False")
-        if self.merge_refresh is not None:
-            _check_type("merge_refresh", self.merge_refresh, int)
-            if self.merge_refresh < 1:
-                raise ConfigError("merge_refresh", self.merge_refresh,
-                                  "must be None (only the first call is full) or an integer >= 1 (a full call "
-                                  "every N calls)")
+        try:
+            object.__setattr__(self, "merge", MergeOptions(**{f.name: getattr(self, f.name)
+                                                             for f in dataclasses.fields(MergeOptions)}))
+        except OptionError as e:
+            raise ConfigError(e.field, e.value, e.allowed) from None
+        if not isinstance(self.strict, bool):
+            raise ConfigError("strict", self.strict, "must be True or False")
         _check_choice("guard", self.guard, GUARDS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if self.dump_dir is not None:
             _check_type("dump_dir", self.dump_dir, (str, os.PathLike))
-        POLICIES[self.policy].validate(self)
+        cls = POLICIES[self.policy]
+        if self.guard != "auto" and self.guard not in cls.guards:
+            raise ConfigError("guard", self.guard, f"policy {self.policy!r} runs under guard "
+                              f"{' or '.join(repr(g) for g in cls.guards)}; use that or 'auto'")
+        cls.validate(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -249,6 +228,8 @@ class OmniCacheConfig:
                 raise ConfigError(str(key), merged[key], f"unknown option; {hint}known options: {', '.join(names)}")
         if merged.get("dump_dir") is None and os.environ.get("OMNICACHE_DUMP_DIR"):
             merged["dump_dir"] = os.environ["OMNICACHE_DUMP_DIR"]
+        if "strict" not in merged and os.environ.get(STRICT_ENV, "").strip() not in ("", "0"):
+            merged["strict"] = True
         return cls(**merged)
 
     def replace(self, **changes) -> "OmniCacheConfig":
@@ -256,6 +237,7 @@ class OmniCacheConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d.pop("merge", None)
         if d["reuse_steps"] is not None:
             d["reuse_steps"] = list(d["reuse_steps"])
         d["align_clip"] = list(d["align_clip"])

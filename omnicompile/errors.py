@@ -1,11 +1,17 @@
-"""Exception classes.  Each message says what was wrong and what is allowed."""
+"""Exception classes.  Each message says what was wrong and what is allowed.
+
+:class:`RewriteError` (a pass refusing a rewrite: a deliberate refusal the backend reports)
+lives in :mod:`omnicompile.passes.errors` and is re-exported here.
+"""
 from __future__ import annotations
 
-__all__ = ["OmniCacheError", "ConfigError", "RewriteError", "CalibrationError", "ScheduleError"]
+from omnicompile.passes.errors import PassError, RewriteError
+
+__all__ = ["OmniCacheError", "ConfigError", "RewriteError", "PassError", "CalibrationError", "ScheduleError"]
 
 
 class OmniCacheError(Exception):
-    """Base class of every error omnicompile raises on purpose."""
+    """Base class of every error omnicompile raises on purpose at the user."""
 
 
 class ConfigError(OmniCacheError, ValueError):
@@ -14,14 +20,6 @@ class ConfigError(OmniCacheError, ValueError):
     def __init__(self, field: str, value, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"omnicache option {field!r}: got {value!r}; {allowed}")
-
-
-class RewriteError(OmniCacheError):
-    """A rewrite could not be applied safely; the backend falls back to the unchanged graph."""
-
-    def __init__(self, code: str, message: str, subject: str = ""):
-        self.code, self.subject = code, subject
-        super().__init__(message)
 
 
 class CalibrationError(OmniCacheError, ValueError):

@@ -19,6 +19,10 @@ Exports, all derived from the same fields (nothing here is measured twice):
   a policy records in ``StepRecord.signals`` (e.g. a probe's relative change; the static
   policy records none).
 
+Generations are counted from 0 in the data (``StepRecord.generation``, ``timeline()``, JSON)
+and from 1 in the text (``str(report)``, Markdown): the third of three generations reads
+"generation 3 of 3".
+
 Hit rate, FLOPs saved and bytes held keep their meaning: a *hit* is a span decision
 ``"reused"``; FLOPs are the cost model's estimate (:mod:`omnicompile.graphs.cost`); bytes
 held are the cache tensors alive after the latest call.
@@ -79,7 +83,7 @@ class GraphReport:
     steps: list[StepRecord] = dataclasses.field(default_factory=list)
     cache_bytes: int = 0
     generations: int = 0
-    #: token / frame / block caches (omnicompile.tokens): geometry, wrapped regions, calls
+    #: token / frame / block caches (omnicompile.merging): geometry, wrapped regions, calls
     #: merged / full and FLOPs saved by merging (included in ``flops_saved``)
     token_cache: dict = dataclasses.field(default_factory=dict)
 
@@ -245,7 +249,7 @@ class GraphReport:
                       "", head, "|" + "---:|" * 4 + ":---:|" * len(names) + "---:|"]
             for r in rows:
                 marks = " | ".join(r["decisions"].get(n, "-") for n in names)
-                lines.append(f"| {r['generation']} | {r['step']} | {_num(r['timestep'])} | {r['calls']} | "
+                lines.append(f"| {r['generation'] + 1} | {r['step']} | {_num(r['timestep'])} | {r['calls']} | "
                              f"{marks} | {r['flops_saved_fraction']:.0%} |")
             lines.append("")
         stats = g.signal_stats()
@@ -359,11 +363,11 @@ class Report:
                 names = [s.name for s in g.spans]
                 last_gen = g.steps[-1].generation
                 shown = [r for r in g.steps if r.generation == last_gen]
-                lines.append(f"  generation {last_gen} of {g.generations}:")
+                lines.append(f"  generation {last_gen + 1} of {g.generations}:")
                 lines.append("  gen step slot  timestep  " + "  ".join(f"{n:>12}" for n in names))
                 for r in shown:
                     marks = "  ".join(f"{r.decisions.get(n, '-'):>12}" for n in names)
-                    lines.append(f"  {r.generation:>3} {r.step:>4} {r.slot:>4} {r.timestep:>9.4f}  {marks}")
+                    lines.append(f"  {r.generation + 1:>3} {r.step:>4} {r.slot:>4} {r.timestep:>9.4f}  {marks}")
                 c, u = g.span_decisions
                 lines.append(f"  calls {g.calls}, span decisions computed {c} / reused {u} "
                              f"(hit rate {g.hit_rate:.1%}), FLOPs saved {g.flops_saved_fraction:.1%}, "

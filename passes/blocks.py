@@ -21,8 +21,8 @@ import re
 
 import torch.fx as fx
 
-from omnicompile.graphs.structure import find_repeats, subgraph_hash
-from omnicompile.passes.common import Reason, is_heavy, module_paths, node_signature
+from ..graphs.structure import find_repeats, subgraph_hash
+from .common import Reason, is_heavy, module_paths, node_signature
 
 __all__ = ["Block", "BlockList", "BlockAnalysis", "find_blocks", "MIN_SIMILARITY"]
 

@@ -1,11 +1,12 @@
-"""Shared helpers for the FX passes: module-path normalisation, node classification,
-graph copying, and the structured ``Reason`` every pass uses to say what it could not do.
+"""Shared facts of the FX passes: module-path normalisation, node classification, and the
+structured ``Reason`` every pass uses to say what it could not do (graph editing helpers are
+in :mod:`omnicompile.passes.edit`).
 
 Dynamo graphs (torch >= 2.11) carry parameters as placeholders whose ``_dynamo_source``
 names the parameter, ``node.meta["nn_module_stack"]`` with raw paths such as
 ``L['self'].__dict__['_modules']['transformer_blocks'].0`` and ``node.meta["example_value"]``
 (a FakeTensor).  Passes never mutate Dynamo's GraphModule: its OutputGraph still reads the
-placeholders, so every rewrite starts from :func:`copy_graph_module`.
+placeholders, so every rewrite starts from :func:`~omnicompile.passes.edit.copy_graph_module`.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ __all__ = [
     "HEAVY_TARGETS",
     "is_heavy",
     "mutated_args",
-    "copy_graph_module",
+    "iter_args",
 ]
 
 
@@ -183,26 +184,6 @@ def mutated_args(node: fx.Node) -> list[fx.Node]:
         if isinstance(o, fx.Node):
             out.append(o)
     return out
-
-
-def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    """A new GraphModule with a copy of ``gm``'s graph; Dynamo's own stays untouched.
-
-    Carries over ``gm.meta``, ``_param_name_to_source`` and each placeholder's
-    ``_dynamo_source`` (compile_fx's AOT path reads them).  Returns the old->new node map.
-    """
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    out_val = graph.graph_copy(gm.graph, env)
-    graph.output(out_val)
-    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    new.meta.update(getattr(gm, "meta", {}))
-    if hasattr(gm, "_param_name_to_source"):
-        new._param_name_to_source = gm._param_name_to_source
-    for old, nn in env.items():
-        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
-            nn._dynamo_source = old._dynamo_source
-    return new, env
 
 
 def iter_args(obj: Any) -> Iterable[fx.Node]:

@@ -22,16 +22,17 @@ from typing import Optional, Sequence
 import torch
 import torch.fx as fx
 
-from omnicompile.passes.common import copy_graph_module, example_value
-from omnicompile.passes.rewrite import _add_placeholder, _output_values, _safe, _set_outputs, build_variant
-from omnicompile.passes.spans import Span
+from .common import example_value
+from .edit import add_placeholder, copy_graph_module, output_values, safe_name, set_outputs
+from .rewrite import build_variant
+from .spans import Span
 
 __all__ = ["build_measure_variant", "build_corrected_reuse", "float_outputs", "grid_layout", "BandFilter"]
 
 
 def float_outputs(gm: fx.GraphModule) -> list[int]:
     """Indices of the graph outputs that are floating-point tensors (the ones q covers)."""
-    _, outs = _output_values(gm.graph)
+    _, outs = output_values(gm.graph)
     idx = []
     for i, o in enumerate(outs):
         ev = example_value(o) if isinstance(o, fx.Node) else None
@@ -43,11 +44,11 @@ def float_outputs(gm: fx.GraphModule) -> list[int]:
 def build_measure_variant(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
     new, env = copy_graph_module(gm)
     g = new.graph
-    out_node, outs = _output_values(g)
+    out_node, outs = output_values(g)
     order = {n: i for i, n in enumerate(g.nodes)}
     span_nodes = [{env[n] for n in sp.nodes} for sp in spans]
     in_any_span = set().union(*span_nodes)
-    res_phs = [[_add_placeholder(g, f"omni_res_{_safe(sp.name)}_{s.name}", example_value(s.input))
+    res_phs = [[add_placeholder(g, f"omni_res_{safe_name(sp.name)}_{s.name}", example_value(s.input))
                 for s in sp.live_streams] for sp in spans]
     new_res: list[fx.Node] = []
     alt: dict[fx.Node, fx.Node] = {}
@@ -92,7 +93,7 @@ def build_measure_variant(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.Graph
             with g.inserting_before(out_node):
                 q = g.call_function(torch.zeros_like, (o,))
         qs.append(q)
-    _set_outputs(out_node, outs + new_res + qs)
+    set_outputs(out_node, outs + new_res + qs)
     g.eliminate_dead_code()
     g.lint()
     new.recompile()
@@ -102,16 +103,16 @@ def build_measure_variant(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.Graph
 def build_corrected_reuse(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
     new = build_variant(gm, spans, (True,) * len(spans))
     g = new.graph
-    out_node, outs = _output_values(g)
-    gamma = _add_placeholder(g, "omni_gamma", torch.empty(()))
+    out_node, outs = output_values(g)
+    gamma = add_placeholder(g, "omni_gamma", torch.empty(()))
     idx = float_outputs(gm)
-    qs = [_add_placeholder(g, f"omni_q_{i}", example_value(outs[i])) for i in idx]
+    qs = [add_placeholder(g, f"omni_q_{i}", example_value(outs[i])) for i in idx]
     fixed = list(outs)
     for i, q in zip(idx, qs):
         with g.inserting_before(out_node):
             gq = g.call_function(operator.mul, (gamma, q))
             fixed[i] = g.call_function(operator.sub, (outs[i], gq))
-    _set_outputs(out_node, fixed)
+    set_outputs(out_node, fixed)
     g.lint()
     new.recompile()
     return new

@@ -45,9 +45,10 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from omnicompile.passes.common import Reason, copy_graph_module, example_value, tensor_meta
-from omnicompile.passes.rewrite import _add_placeholder, _output_values, _safe, _set_outputs, guard_span
-from omnicompile.passes.spans import Span, SpanAnalysis, follow_stream, make_span, stream_inputs
+from .common import Reason, example_value, tensor_meta
+from .edit import add_placeholder, copy_graph_module, output_values, safe_name, set_outputs
+from .rewrite import guard_span
+from .spans import Span, SpanAnalysis, follow_stream, make_span, stream_inputs
 
 __all__ = ["ProbePlan", "StateSpec", "plan_probe", "build_probe", "N_RECORDS"]
 
@@ -111,7 +112,7 @@ def plan_probe(gm: fx.GraphModule, analysis: SpanAnalysis, probe_depth: int) -> 
         spans.append(sp)
     if not spans:
         return None, Reason("nothing_after_probe", "the probe covers every block; nothing left to skip", g0.name)
-    from omnicompile.graphs.cost import node_flops
+    from ..graphs.cost import node_flops
     probe_nodes = [n for u in g0.units[:probe_depth] for n in u.nodes]
     return ProbePlan(probe_depth, x, p, x.name, spans, sum(node_flops(n) for n in probe_nodes)), None
 
@@ -163,10 +164,10 @@ def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: st
                 align_clip: tuple[float, float]) -> fx.GraphModule:
     new, env = copy_graph_module(gm)
     g = new.graph
-    out_node, outs = _output_values(g)
-    force = _add_placeholder(g, "omni_force", None)
+    out_node, outs = output_values(g)
+    force = add_placeholder(g, "omni_force", None)
     specs = plan.state_specs()
-    state = [_add_placeholder(g, "omni_" + _safe(s.name), None) for s in specs]
+    state = [add_placeholder(g, "omni_" + safe_name(s.name), None) for s in specs]
     x_prev, p_prev, q_prev, q_last, acc, count = state[:6]
     x, p = env[plan.x], env[plan.probe_out]
     dec = _decide_module(threshold, error, align, *align_clip)
@@ -184,7 +185,7 @@ def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: st
         for ph, s in zip(prev + last, sp.live_streams + sp.live_streams):
             ph.meta["example_value"] = example_value(s.input)
         span_state += guard_span(new, env, repl, i, sp, reuse, [prev, last], "window", (a, b))
-    _set_outputs(out_node, outs + [x, p, q_prev2, q_last2, acc2, count2] + span_state + [reuse, err, gamma])
+    set_outputs(out_node, outs + [x, p, q_prev2, q_last2, acc2, count2] + span_state + [reuse, err, gamma])
     g.eliminate_dead_code()
     g.lint()
     new.recompile()

@@ -19,7 +19,7 @@ graph mutates Python state.  Two forms:
 
 Residuals are ordered span by span, live streams in span order.  Nodes a span must keep
 (stream-independent values read after it, ``Span.keep``) stay in the main graph.
-Both builders work on a copy (:func:`~omnicompile.passes.common.copy_graph_module`).
+Both builders work on a copy (:func:`~omnicompile.passes.edit.copy_graph_module`).
 """
 from __future__ import annotations
 
@@ -29,47 +29,16 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from omnicompile.errors import RewriteError
-from omnicompile.passes.common import copy_graph_module, example_value
-from omnicompile.passes.spans import Span
+from .common import example_value
+from .edit import add_placeholder, copy_graph_module, output_values, safe_name, set_outputs
+from .errors import RewriteError
+from .spans import Span
 
-__all__ = ["build_variant", "build_cond", "residual_specs"]
-
-
-def residual_specs(spans: Sequence[Span]) -> list[tuple[str, tuple, torch.dtype]]:
-    """(name, shape, dtype) of every residual, in signature order."""
-    return [(f"{sp.name}:{s.name}", s.shape, s.dtype) for sp in spans for s in sp.live_streams]
-
-
-def _placeholders(g: fx.Graph) -> list[fx.Node]:
-    return [n for n in g.nodes if n.op == "placeholder"]
-
-
-def _add_placeholder(g: fx.Graph, name: str, like=None) -> fx.Node:
-    last = _placeholders(g)[-1]
-    with g.inserting_after(last):
-        ph = g.placeholder(name)
-    ph._dynamo_source = None  # compile_fx's AOT path requires the attribute
-    if like is not None:
-        ph.meta["example_value"] = like
-    return ph
+__all__ = ["build_variant", "build_cond", "guard_span"]
 
 
 def _fake_like(node: fx.Node):
-    ev = example_value(node)
-    return ev
-
-
-def _output_values(g: fx.Graph) -> tuple[fx.Node, list]:
-    out = next(n for n in g.nodes if n.op == "output")
-    val = out.args[0]
-    if isinstance(val, (tuple, list)):
-        return out, list(val)
-    return out, [val]
-
-
-def _set_outputs(out: fx.Node, values: list) -> None:
-    out.args = (tuple(values),)
+    return example_value(node)
 
 
 def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[bool]) -> fx.GraphModule:
@@ -77,7 +46,7 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
         raise RewriteError("bad_decision", f"{len(reuse)} decisions for {len(spans)} spans")
     new, env = copy_graph_module(gm)
     g = new.graph
-    out_node, outs = _output_values(g)
+    out_node, outs = output_values(g)
     extra_out: list[fx.Node] = []
     repl: dict[fx.Node, fx.Node] = {}   # outputs of earlier spans -> what replaced them
     for sp, r in zip(spans, reuse):
@@ -87,7 +56,7 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
         for s in sp.live_streams:
             x, o = _resolve(repl, env[s.input]), env[s.output]
             if r:
-                res = _add_placeholder(g, f"omni_res_{_safe(sp.name)}_{s.name}", _fake_like(s.input))
+                res = add_placeholder(g, f"omni_res_{safe_name(sp.name)}_{s.name}", _fake_like(s.input))
                 with g.inserting_after(last):
                     y = g.call_function(operator.add, (x, res))
                 y.meta["example_value"] = _fake_like(s.output)
@@ -99,7 +68,7 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
                     d = g.call_function(operator.sub, (o, x))
                 d.meta["example_value"] = _fake_like(s.output)
                 extra_out.append(d)
-    _set_outputs(out_node, outs + extra_out)
+    set_outputs(out_node, outs + extra_out)
     g.eliminate_dead_code()
     g.lint()
     new.recompile()
@@ -117,22 +86,18 @@ def _order(g: fx.Graph) -> dict:
     return {n: i for i, n in enumerate(g.nodes)}
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name)
-
-
 def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
     new, env = copy_graph_module(gm)
     g = new.graph
-    out_node, outs = _output_values(g)
-    preds = [_add_placeholder(g, f"omni_pred_{k}", None) for k in range(len(spans))]
-    res_phs = [[_add_placeholder(g, f"omni_res_{_safe(sp.name)}_{s.name}", _fake_like(s.input))
+    out_node, outs = output_values(g)
+    preds = [add_placeholder(g, f"omni_pred_{k}", None) for k in range(len(spans))]
+    res_phs = [[add_placeholder(g, f"omni_res_{safe_name(sp.name)}_{s.name}", _fake_like(s.input))
                 for s in sp.live_streams] for sp in spans]
     extra_out: list[fx.Node] = []
     repl: dict[fx.Node, fx.Node] = {}
     for k, sp in enumerate(spans):
         extra_out.extend(guard_span(new, env, repl, k, sp, preds[k], [res_phs[k]], "residual"))
-    _set_outputs(out_node, outs + extra_out)
+    set_outputs(out_node, outs + extra_out)
     g.eliminate_dead_code()
     g.lint()
     new.recompile()

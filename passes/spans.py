@@ -33,9 +33,9 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from omnicompile.graphs.cost import node_flops
-from omnicompile.passes.blocks import BlockAnalysis, BlockList
-from omnicompile.passes.common import (
+from ..graphs.cost import node_flops
+from .blocks import BlockAnalysis, BlockList
+from .common import (
     Reason, example_value, is_param_placeholder, mutated_args, node_signature, tensor_meta,
 )
 

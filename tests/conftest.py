@@ -1,7 +1,13 @@
 import logging
+import os
 
 import pytest
 import torch
+
+# The whole suite runs in strict mode: an exception inside the backend's analysis, rewrite or
+# dump propagates instead of being turned into an uncached graph, so a test that expects a
+# refusal sees a deliberate one (with its reason), never a bug in disguise.
+os.environ.setdefault("OMNICACHE_STRICT", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,8 @@ class _Runner(torch.nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs=None):
         store = self.owner.cache.setdefault(self.owner.slot, {})
-        if self.owner.reuse and self.key in store:
+        reuse = self.owner.reuse.get(self.key, False) if isinstance(self.owner.reuse, dict) else self.owner.reuse
+        if reuse and self.key in store:
             r_enc, r_hs = store[self.key]
             return encoder_hidden_states + r_enc, hidden_states + r_hs
         enc, hs = encoder_hidden_states, hidden_states
@@ -40,6 +41,7 @@ class FluxResidualCache:
         self.slot, self.reuse = 0, False
 
     def begin(self, step, slot, reuse):
+        """``reuse``: a bool for every block list, or ``{list name: bool}``."""
         self.step, self.slot, self.reuse = step, slot, reuse
 
     def __enter__(self):

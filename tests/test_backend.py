@@ -163,7 +163,7 @@ def test_shape_change_starts_new_generation():
 
 
 def test_runtime_shape_change_within_one_graph_resets():
-    from omnicompile.runtime import StepTracker
+    from omnicompile.runtime.tracker import StepTracker
 
     tr = StepTracker()
     assert tr.advance(1.0, ("a",)) == (0, 0, 0, True)
@@ -255,3 +255,68 @@ def test_policy_none_with_inductor_equals_plain_inductor():
     none = run(model, kw, ts, backend=OmniCache(policy="none"))
     for a, b in zip(plain, none):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_strict_mode_raises_a_bug_and_lenient_mode_reports_it(monkeypatch):
+    """A refusal is always deliberate: an exception inside the backend (here a bug planted in the
+    span analysis) propagates in strict mode; without it the graph runs unchanged, reported as
+    ``internal_error`` — never disguised as an ordinary refusal."""
+    import omnicompile.backend as B
+
+    def broken(gm, blocks):
+        raise AttributeError("planted bug")
+
+    monkeypatch.setattr(B, "find_spans", broken)
+    model, kw = TINY_MODELS["flux"]()
+    with torch.no_grad():
+        oc = OmniCache(inner_backend="eager", strict=True)
+        with pytest.raises(Exception, match="planted bug"):
+            torch.compile(model, backend=oc, fullgraph=True)(**kw)
+        torch._dynamo.reset()
+        monkeypatch.setenv("OMNICACHE_STRICT", "0")
+        oc = OmniCache(inner_backend="eager")
+        assert oc.config.strict is False
+        out = torch.compile(model, backend=oc, fullgraph=True)(**kw)
+    torch.testing.assert_close(out[0], model(**kw)[0])
+    g = oc.report().graphs[0]
+    assert not g.cached and g.fallback.code == "internal_error" and "planted bug" in g.fallback.message
+
+
+def test_strict_from_the_environment(monkeypatch):
+    monkeypatch.setenv("OMNICACHE_STRICT", "1")
+    assert OmniCache().config.strict is True
+    assert OmniCache(strict=False).config.strict is False       # an explicit option wins
+    monkeypatch.delenv("OMNICACHE_STRICT")
+    assert OmniCache().config.strict is False
+
+
+def test_graph_ids_count_per_backend_object():
+    model, kw = TINY_MODELS["flux"]()
+    a, b = OmniCache(inner_backend="eager"), OmniCache(inner_backend="eager")
+    with torch.no_grad():
+        torch.compile(model, backend=a, fullgraph=True)(**kw)
+        torch._dynamo.reset()
+        torch.compile(model, backend=b, fullgraph=True)(**kw)
+    assert [g.graph_id for g in a.report().graphs] == [0] == [g.graph_id for g in b.report().graphs]
+
+
+def test_the_decisive_reason_comes_first():
+    """A graph with block lists whose spans are all refused names the span refusal, not a
+    note about how the lists were found."""
+    from omnicompile.backend import decisive_reason
+    from omnicompile.passes.common import Reason
+    from omnicompile.passes.spans import SpanAnalysis
+
+    note = Reason("partial_list", "members differ", "blocks")
+    dyn = Reason("dynamic_shape", "symbolic stream shapes", "blocks[0:2]")
+    other = Reason("non_stream_output", "exposes x", "blocks[0:2]")
+    analysis = SpanAnalysis(groups=[object()], spans=[], refused=[other, dyn], timestep=None, user_inputs=[])
+
+    class Blocks:
+        reasons = [note]
+    assert decisive_reason(Blocks, analysis) == dyn
+    analysis.refused = [other]
+    assert decisive_reason(Blocks, analysis) == other
+    analysis.groups, analysis.refused = [], [Reason("no_timestep", "none")]
+    Blocks.reasons = [Reason("no_module_metadata", "none"), Reason("no_blocks", "no list")]
+    assert decisive_reason(Blocks, analysis).code == "no_blocks"

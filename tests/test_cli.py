@@ -79,6 +79,11 @@ TOY_SOURCE = textwrap.dedent('''
         return toy(graph_break=True)
 
 
+    def toy_float_timestep():
+        model, kw = toy()
+        return model, {**kw, "timestep": 1.0}
+
+
     def wrong_return():
         return 42
 
@@ -268,35 +273,88 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("guard", ["variants", "cond"])
 def test_dumped_graphs_reload_and_compute_the_same(tmp_path, guard):
-    from omnicompile.passes.blocks import find_blocks
+    """The dump writes the rewritten graphs the runtime compiled (``runtime.graphs``, with
+    ``runtime.signatures``); re-loaded, each computes what the runtime's graph computes and
+    what the rewrite passes build from Dynamo's graph."""
     from omnicompile.passes.rewrite import build_cond, build_variant
-    from omnicompile.passes.spans import find_spans
     from omnicompile.testing import tiny_flux
 
     model, kw = tiny_flux()
-    gm, ex = _capture(model, kw)
-    cfg = OmniCacheConfig(inner_backend="eager", guard=guard)
-    m = write_graph_dump(tmp_path, 7, gm, config=cfg, renderer="none", images=False)
+    oc = OmniCache(inner_backend="eager", guard=guard)
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.append((gm, list(example_inputs)))
+        return oc(gm, example_inputs)
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(**kw)
+    ((gm, ex),) = captured
+    ((rep, rt),) = oc.graphs
+    assert rep.cached and rt is not None
+    m = write_graph_dump(tmp_path, 7, gm, rep, rt, config=oc.config, renderer="none", images=False)
     assert m["errors"] == []
     names = set(m["code"])
     assert names == ({"before", "after_variant_CC", "after_variant_RR"} if guard == "variants"
                      else {"before", "after_cond"})
+    assert names == {"before"} | {f"after_{n}" for n in rt.graphs}
+    for n, sig in rt.signatures.items():
+        assert f"# signature: {sig}" in (tmp_path / f"graph7_after_{n}.py").read_text()
     with torch.no_grad():
         _assert_same(load_graph(tmp_path / "graph7_before.py")(*ex), gm(*ex))
-        blocks = find_blocks(gm)
-        spans = find_spans(gm, blocks).spans
+        spans = rt.spans
         res = [torch.randn(s.shape) for sp in spans for s in sp.live_streams]
         if guard == "variants":
             for dec, extra in (((False, False), []), ((True, True), res)):
-                key = "".join("R" if d else "C" for d in dec)
-                ref = build_variant(gm, spans, dec)(*ex, *extra)
-                _assert_same(load_graph(tmp_path / f"graph7_after_variant_{key}.py")(*ex, *extra), ref)
+                name = "variant_" + "".join("R" if d else "C" for d in dec)
+                got = load_graph(tmp_path / f"graph7_after_{name}.py")(*ex, *extra)
+                _assert_same(got, rt.graphs[name](*ex, *extra))
+                _assert_same(got, build_variant(gm, spans, dec)(*ex, *extra))
         else:
             g = build_cond(gm, spans)
             loaded = load_graph(tmp_path / "graph7_after_cond.py")
             for pred in (False, True):
                 args = [*ex, *[torch.tensor(pred)] * len(spans), *res]
-                _assert_same(loaded(*args), g(*args))
+                got = loaded(*args)
+                _assert_same(got, rt.graphs["cond"](*args))
+                _assert_same(got, g(*args))
+
+
+def test_dump_without_a_runtime_has_no_rewritten_graphs(tmp_path):
+    """Dynamo's graph alone: analysed and previewed, every step computed, nothing rewritten
+    (the dump never rebuilds what a runtime would compile)."""
+    ns = {}
+    exec(TOY_SOURCE, ns)
+    gm, _ = _capture(*ns["toy"]())
+    m = write_graph_dump(tmp_path, 0, gm, config=OmniCacheConfig(inner_backend="eager", num_steps=6),
+                         renderer="none", images=False)
+    assert m["errors"] == [] and set(m["code"]) == {"before"}
+    assert m["plan"]["marks"] == {"blocks[0:3]": "C" * 6} and m["plan"]["ideal_speedup"] == 1.0
+    assert "no runtime" in m["plan"]["note"] and m["policy"] is None
+    plan = json.loads((tmp_path / "graph0_plan.json").read_text())
+    assert "error" not in plan and plan["note"] == m["plan"]["note"]
+    assert plan["decisions"] == [["computed"]] * 6
+
+
+def test_strict_dump_raises_and_lenient_dump_lists_the_error(tmp_path, monkeypatch):
+    import omnicompile.dump.write as write
+
+    def broken(info):
+        raise RuntimeError("cost table broke")
+
+    monkeypatch.setattr(write, "unit_costs", broken)
+    ns = {}
+    exec(TOY_SOURCE, ns)
+    gm, _ = _capture(*ns["toy"]())
+    m = write_graph_dump(tmp_path / "lenient", 0, gm, renderer="none")
+    assert m["errors"] == ["unit costs: RuntimeError: cost table broke"]
+    assert "costs" not in m["files"] and "blocks" in m["files"]
+    with pytest.raises(RuntimeError, match="cost table broke"):
+        write_graph_dump(tmp_path / "strict", 0, gm, renderer="none", strict=True)
+    with pytest.raises(Exception, match="cannot create"):
+        blocker = tmp_path / "file"
+        blocker.write_text("not a folder")
+        write_graph_dump(blocker / "sub", 0, gm, strict=True)
 
 
 def test_dump_of_a_fallback_graph(tmp_path):
@@ -319,6 +377,7 @@ def test_dump_of_a_fallback_graph(tmp_path):
     assert m["errors"] == [] and m["cached"] is False and m["fallback"]["code"] == "policy_none"
     assert set(m["code"]) == {"before"}
     assert set(m["plan"]["marks"].values()) == {"C" * 28}
+    assert "policy_none" in m["plan"]["note"]
     page = (tmp_path / f"graph{rep.graph_id}_index.html").read_text()
     assert "compiled unchanged" in page and "policy_none" in page
     assert "policy_none" in (tmp_path / "index.html").read_text()
@@ -342,7 +401,8 @@ def test_dump_with_the_backends_own_analysis(tmp_path):
 
     with torch.no_grad():
         torch.compile(model, backend=backend, fullgraph=True)(**kw)
-    gm, rep, rt = captured[0], oc.report().graphs[0], oc.runtimes[0]
+    oc.report()
+    gm, ((rep, rt),) = captured[0], oc.graphs
     blocks = find_blocks(gm)
     a = write_graph_dump(tmp_path / "a", rep.graph_id, gm, rep, rt, config=oc.config, blocks=blocks,
                          analysis=find_spans(gm, blocks), renderer="none")
@@ -369,8 +429,9 @@ def test_dot_renders_svg(tmp_path):
 
 def test_auto_renderer_falls_back_to_matplotlib_without_dot(tmp_path, monkeypatch, toy_dir, capsys):
     import omnicompile.dump as dump
+    import omnicompile.dump.draw as draw
 
-    monkeypatch.setattr(dump.shutil, "which", lambda name: None)
+    monkeypatch.setattr(draw.shutil, "which", lambda name: None)
     assert not dump.dot_available()
     ns = {}
     exec(TOY_SOURCE, ns)
@@ -478,7 +539,7 @@ def test_calibrate_rejects_a_policy_without_calibration(toy_dir):
 
 def test_calibrate_when_no_policy_is_calibratable(toy_dir, monkeypatch, capsys):
     from omnicompile.cli import main
-    from omnicompile.policies import POLICIES
+    from omnicompile.registry import POLICIES
 
     for cls in POLICIES.values():
         monkeypatch.setattr(cls, "calibratable", False, raising=False)
@@ -498,10 +559,36 @@ def test_calibrate_trajectory(toy_dir, tmp_path):
     cal = json.loads(out.read_text())
     assert cal["num_steps"] == 10 and cal["shape"] == [1, 8, 4]
     assert '"calibrate": "%s"' % out in r.stdout
+    # the reuse steps are the runtime's own preview of a 10-step generation
+    assert re.search(r"^  graph 0: reuse steps \[[\d, ]*\] of 10 \(ideal speedup [\d.]+x\)", r.stdout, re.M)
+
+
+def test_default_sampler_that_cannot_drive_the_model_is_a_usage_error(toy_dir, monkeypatch, capsys):
+    from omnicompile.cli import main
+
+    monkeypatch.chdir(toy_dir)
+    monkeypatch.syspath_prepend(str(toy_dir))
+    assert main(["calibrate", "toy_spec:toy_float_timestep", "--options",
+                 '{"policy": "trajectory", "inner_backend": "eager"}', "--out", "unused.json"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no tensor 'timestep'" in line and "--sampler module:callable" in line
+
+
+def test_profile_options_are_validated_like_the_backend(toy_dir, monkeypatch, capsys):
+    """``profile --options`` builds its config with OmniCacheConfig.from_options: a bad field
+    is the ConfigError's message, one line, exit 2."""
+    from omnicompile.cli import main
+
+    monkeypatch.chdir(toy_dir)
+    for opts, words in (('{"target_speedup": "fast"}', "omnicache option 'target_speedup'"),
+                        ('{"cache_intervl": 3}', "did you mean 'cache_interval'")):
+        assert main(["profile", "toy_spec:toy", "--out", "p.json", "--options", opts]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("omnicache profile: error:") and words in line
 
 
 def test_euler_sampler_drives_a_generation():
-    from omnicompile.cli import euler_sampler
+    from omnicompile.sampling import SamplerError, euler_sampler
 
     seen = []
 
@@ -515,6 +602,10 @@ def test_euler_sampler_drives_a_generation():
     seen.clear()
     euler_sampler(model, {"hidden_states": torch.zeros(1, 2), "timestep": torch.tensor([999])}, 3)
     assert seen == [999.0, 666.0, 333.0]
+    with pytest.raises(SamplerError, match="too small"):
+        euler_sampler(model, {"hidden_states": torch.zeros(1, 2), "timestep": torch.tensor([2])}, 3)
+    with pytest.raises(SamplerError, match="no tensor 'timestep'"):
+        euler_sampler(model, {"hidden_states": torch.zeros(1, 2)}, 3)
 
 
 FAKE_SPEED = textwrap.dedent('''

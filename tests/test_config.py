@@ -22,7 +22,7 @@ def test_same_names_for_object_and_options():
 
 @pytest.mark.parametrize("fields, field, words", [
     ({"polcy": "static"}, "polcy", "did you mean 'policy'"),
-    ({"policy": "magic"}, "policy", "none, probe, static, trajectory"),
+    ({"policy": "magic"}, "policy", "layered, none, probe, static"),
     ({"policy": 3}, "policy", "type str"),
     ({"interval": 0}, "interval", ">= 1"),
     ({"interval": 2.5}, "interval", "type int"),
@@ -71,10 +71,10 @@ def test_env_dump_dir(monkeypatch, tmp_path):
 
 
 def test_policy_registry_is_extensible():
-    from omnicompile.policies import Policy
+    from omnicompile.policy import SchedulePolicy
 
     @omnicompile.register_policy("test_every_other")
-    class EveryOther(Policy):
+    class EveryOther(SchedulePolicy):
         def decide(self, step, num_steps, n_spans):
             return (step % 2 == 1,) * n_spans
 

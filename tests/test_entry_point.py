@@ -33,3 +33,22 @@ def test_bare_names_are_not_installed():
             "print([n for n in ('passes', 'graphs') if importlib.util.find_spec(n)])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_setup_lists_every_package():
+    """A wheel holds only the packages setup.py names: every folder with an ``__init__.py``
+    under omnicompile/, passes/, graphs/ and kernels/ must be listed."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "setup.py").read_text()
+    listed = set(re.findall(r'"(omnicompile(?:\.\w+)*)"', text.split("packages=", 1)[1].split("]", 1)[0]))
+    top = {"omnicompile": "omnicompile", "passes": "omnicompile.passes", "graphs": "omnicompile.graphs",
+           "kernels": "omnicompile.kernels"}
+    found = set()
+    for folder, name in top.items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            found.add(".".join((name,) + rel))
+    assert found == listed

@@ -10,7 +10,7 @@ from conftest import trace
 from omnicompile import OmniCache
 from omnicompile.errors import CalibrationError, ConfigError, ScheduleError
 from omnicompile.graphs.plan import check_plan, refine
-from omnicompile.layered import (
+from omnicompile.policies.layered import (
     LayeredRuntime, Profile, Schedule, analyze_units, dag_from_json, load_file, plan_profile, profile,
 )
 from omnicompile.passes.blocks import find_blocks
@@ -137,12 +137,12 @@ def test_first_generation_profiles_then_the_plan_runs():
     first = sample(fn, kw, uncond)
     torch.testing.assert_close(first, plain, rtol=1e-4, atol=1e-4)   # profiled: every step computed
     (rt,) = oc.runtimes
-    assert rt.calibrating and rt.policy.plan is None      # the profile ends when the next generation starts
+    assert rt.calibrator.active and rt.plan is None      # the profile ends when the next generation starts
     second = sample(fn, kw, uncond)
-    plan = rt.policy.plan
-    assert rt.calibration is not None and rt.calibration.method == "residual"
+    plan = rt.plan
+    assert rt.calibrator.result is not None and rt.calibrator.result.method == "residual"
     assert plan is not None and plan.reached and plan.ideal_speedup >= 1.6
-    assert check_plan(rt.policy.ug.dag, plan, 4) == []
+    assert check_plan(rt.ug.dag, plan, 4) == []
     table = {u: row for u, row in zip(plan.units, plan.reuse)}
     torch.testing.assert_close(second, reference_run(model, kw, uncond, table), rtol=1e-4, atol=1e-4)
     g = oc.report().graphs[0]
@@ -175,13 +175,13 @@ def test_profile_measures_every_pair_and_plans(tmp_path):
     again = load_file(str(path))
     assert isinstance(again, Profile) and again.to_json() == prof.to_json()
     (rt,) = oc.runtimes
-    assert rt.policy.plan is not None and rt.policy.mode == "plan"
-    assert rt.policy.plan.marks() == plan_profile(again, 1.5, 5).marks()
+    assert rt.plan is not None and rt.mode == "plan"
+    assert rt.plan.marks() == plan_profile(again, 1.5, 5).marks()
     oc2 = OmniCache(policy="layered", inner_backend="eager", calibrate=str(path), target_speedup=1.5)
     fn = torch.compile(model, backend=oc2, fullgraph=True)
     generate()
     (rt2,) = oc2.runtimes
-    assert rt2.policy.plan.marks() == rt.policy.plan.marks()
+    assert rt2.plan.marks() == rt.plan.marks()
     assert oc2.report().graphs[0].steps[-1].decisions
 
 
@@ -192,7 +192,7 @@ def test_oc_calibrate_writes_a_residual_profile(tmp_path):
     (prof,) = oc.calibrate(lambda: sample(fn, kw, uncond), path=str(tmp_path / "p.json"))
     assert prof.method == "residual" and prof.num_steps == STEPS
     assert isinstance(load_file(str(tmp_path / "p.json")), Profile)
-    assert oc.runtimes[0].policy.plan is not None
+    assert oc.runtimes[0].plan is not None
 
 
 # ----------------------------------------------------------------------------- files
@@ -204,7 +204,7 @@ def files(tmp_path_factory):
     ug = unit_graph(model, kw)
     steps = 8
     delta = [[None] + [0.01 * (1 + (i + t) % 3) for t in range(1, steps)] for i in range(len(ug.units))]
-    from omnicompile.layered import dag_to_json
+    from omnicompile.policies.layered import dag_to_json
     prof = Profile(ug.fingerprint, steps, list(ug.units), "final", delta, dag_to_json(ug.dag))
     d = tmp_path_factory.mktemp("layered")
     prof.save(str(d / "profile.json"))
@@ -322,7 +322,7 @@ def test_dump_draws_the_plan(files, tmp_path):
         torch.compile(model, backend=oc, fullgraph=True)(**kw)
     (plan_file,) = (tmp_path / "dump").glob("graph*_plan.json")
     plan_json = json.loads(plan_file.read_text())
-    policy_plan = oc.runtimes[0].policy.plan
+    policy_plan = oc.runtimes[0].plan
     marks = plan_json["marks"]
     for span, region in zip(oc.runtimes[0].spans, [r for r in policy_plan.regions if any(r.row)]):
         assert marks[span.name] == "".join("R" if x else "C" for x in region.row)

@@ -8,9 +8,9 @@ import torch.fx as fx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from omnicompile.graphs import plan as P
+from omnicompile.graphs.dag import PlanError, make_dag, unit_dag, unit_names
 from omnicompile.graphs.plan import (
-    PlanError, check_plan, coalesce, greedy_order, make_dag, plan_layered, propose, realize, refine, unit_names,
+    check_plan, coalesce, greedy_order, plan_layered, propose, prune, realize, refine, runs_ok,
 )
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -99,7 +99,7 @@ def test_pruning_keeps_what_the_runtime_would_do(case):
     has no cache yet, and never reuses a unit the rewrite cannot."""
     dag, table, _ = case
     t = [row[:] for row in table]
-    P._prune(dag, t, interval=len(table[0]) + 1)
+    prune(dag, t, interval=len(table[0]) + 1)
     assert t == realize(dag, table) or any(dag.nodes[u]["cost"] <= 0 for u in unit_names(dag))
     free = {i for i, u in enumerate(unit_names(dag)) if dag.nodes[u]["cost"] <= 0}
     real = realize(dag, table)
@@ -120,7 +120,7 @@ def test_greedy_order_respects_the_rules(case):
             assert t >= 1 and math.isfinite(weights[i][t])
             assert dag.nodes[units[i]]["cacheable"] and dag.nodes[units[i]]["cost"] > 0
             table[i][t] = True
-        assert all(P._runs_ok(row, interval) for row in table)
+        assert all(runs_ok(row, interval) for row in table)
         if not staleness:       # the paper's order: weights never decrease along the picks
             ws = [weights[i][t] for i, t in order]
             assert ws == sorted(ws)
@@ -295,7 +295,7 @@ def test_unit_dag_of_an_fx_graph():
     units = {"u0": [by[n] for n in ("lin_0", "mul_1", "add")], "u1": [by[n] for n in ("lin_1", "mul_2", "add_1")],
              "u2": [by[n] for n in ("lin_2", "mul_4", "add_2")]}
     streams = {"u0": [by["x"]], "u1": [by["add"]], "u2": [by["mul_3"]]}
-    dag = P.unit_dag(nodes, units, stream_inputs=streams, cost=lambda ns: float(len(list(ns))))
+    dag = unit_dag(nodes, units, stream_inputs=streams, cost=lambda ns: float(len(list(ns))))
     assert unit_names(dag) == ["u0", "u1", "u2"]
     unit_edges = {(a, b) for a, b in dag.edges if dag.nodes[a]["kind"] == "unit"}
     assert unit_edges == {("u0", "u1"), ("u1", "u2")}          # u1 -> u2 through the glue

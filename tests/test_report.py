@@ -109,7 +109,7 @@ def test_markdown():
     assert "| `blocks` | 2 | module_path | 9 |" in md
     assert "| `blocks[0:2]` | 2 | x | temb | 0.001 |" in md
     assert "- `partial_list` extra: members differ" in md
-    assert "| 0 | 1 | 0.9000 | 1 | R | 80% |" in md
+    assert "| 1 | 1 | 0.9000 | 1 | R | 80% |" in md          # generations read from 1 in text
     assert "| `error` | 1 |" in md
     assert "## graph 4" in md
     assert Report([]).to_markdown().endswith("no graph compiled yet\n")
@@ -164,5 +164,5 @@ def test_report_of_a_real_run_with_cfg_slots():
     assert Report.from_json(rep.to_json()).to_json() == rep.to_json()
     md = rep.to_markdown()
     frac = g.spans[0].flops / g.flops_per_call
-    assert f"| 0 | 1 | 0.8000 | 2 | RR | {frac:.0%} |" in md
-    assert str(rep)  # the console table still renders
+    assert f"| 1 | 1 | 0.8000 | 2 | RR | {frac:.0%} |" in md
+    assert "generation 1 of 1:" in str(rep)      # the first of one generation, not "0 of 1"

@@ -5,7 +5,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from omnicompile import OmniCache
-from omnicompile.policies import StaticPolicy
+from omnicompile.policies.static import StaticPolicy
 from omnicompile.config import OmniCacheConfig
 from omnicompile.testing import tiny_flux
 from reference_cache import FluxResidualCache

@@ -1,18 +1,22 @@
-"""Token, frame and block caches (passes/tokens.py, omnicompile/tokens.py).
+"""Token, frame and block caches (passes/merge/, omnicompile/merging.py).
 
 Outputs are compared with ``tests/reference_tokens.py``, an eager hook-based implementation
 of the same algorithm on the diffusers blocks (whole blocks merged: ``merge_ffn=True``).
 """
+import dataclasses
+
 import pytest
 import torch
 
 import omnicompile
 from omnicompile import kernels as K
 from omnicompile import testing
+from omnicompile.config import OmniCacheConfig
 from omnicompile.errors import ConfigError
-from omnicompile.passes import tokens as T
+from omnicompile.passes import merge as M
 from omnicompile.passes.blocks import find_blocks
 from omnicompile.passes.common import module_paths
+from omnicompile.passes.errors import OptionError
 from omnicompile.report import Report
 
 from conftest import trace
@@ -128,7 +132,8 @@ class _ToyBlock(torch.nn.Module):
                                        ("table", None), ("ok", None)])
 def test_tracer_refuses_what_it_cannot_re_specialise(kind, code):
     gm, _ = trace(_Toy(kind).eval(), dict(hidden_states=torch.randn(1, 16, 8), timestep=torch.ones(1)))
-    plan = T.plan_token_cache(gm, find_blocks(gm), token_ratio=0.5, merge_ffn=True)
+    plan = M.plan_merge(gm, find_blocks(gm), M.MergeOptions(token_ratio=0.5, merge_ffn=True, merge_fill="output",
+                                                            merge_rotate=False))
     assert plan.geometry.kind == "packed"
     if code is None:
         assert [w.block for w in plan.wraps] == ["blocks.1"]
@@ -278,7 +283,8 @@ def test_latte_placement_and_frame_cache_exact_with_this_steps_cache():
     skipped ones from this very step's full output reproduces the full output bit for bit."""
     model, kw = testing.tiny_latte(num_layers=3, frames=4)
     gm, ex = trace(model, kw)
-    plan = T.plan_token_cache(gm, find_blocks(gm), token_ratio=0.5, frame_ratio=0.5, block_ratio=0.5)
+    plan = M.plan_merge(gm, find_blocks(gm), M.MergeOptions(token_ratio=0.5, frame_ratio=0.5, block_ratio=0.5,
+                                                            merge_fill="output", merge_rotate=False))
     assert plan.geometry.kind == "video" and (plan.geometry.frames, plan.geometry.h, plan.geometry.w) == (4, 4, 4)
     assert {w.block: w.axis for w in plan.wraps} == {"transformer_blocks.1": "frame",
                                                      "temporal_transformer_blocks.1": "block"}
@@ -292,11 +298,11 @@ def test_latte_placement_and_frame_cache_exact_with_this_steps_cache():
     # the per-frame tables (AdaLN from the timestep, text keys/values) are gathered with the frames
     assert {t.dim for t in frame.inputs} == {0} and len(frame.inputs) >= 4
     assert frame.flops_merged * 2 == frame.flops_full
-    full, present, _ = T.apply_token_cache(gm, plan, merged=False)
-    merged, _, consts = T.apply_token_cache(gm, plan, merged=True)
+    full, present, _ = M.apply_merge(gm, plan, merged=False)
+    merged, _, consts = M.apply_merge(gm, plan, merged=True)
     with torch.no_grad():
         f = full(*ex)
-        n = len(f) - len(T.state_specs(present))
+        n = len(f) - len(M.state_specs(present))
         assert torch.equal(f[0], gm(*ex)[0])
         m = merged(*ex, *f[n:], *consts)
     assert torch.equal(m[0], f[0])
@@ -313,30 +319,33 @@ def test_swapped_placement_graph_properties():
     every cache refused with merge_placement."""
     model, kw = testing.tiny_latte(num_layers=3, frames=4)
     gm, ex = trace(model, kw)
-    plan = T.plan_token_cache(gm, find_blocks(gm), frame_ratio=0.5, block_ratio=0.5, placement="swapped")
+    plan = M.plan_merge(gm, find_blocks(gm), M.MergeOptions(frame_ratio=0.5, block_ratio=0.5, merge_placement="swapped",
+                                                            merge_fill="output", merge_rotate=False))
     assert {w.block: (w.axis, w.groups) for w in plan.wraps} == {"transformer_blocks.1": ("block", 4),
                                                                  "temporal_transformer_blocks.1": ("frame", 16)}
     codes = {r.subject: r.code for r in plan.refused}
     assert codes["transformer_blocks.1:frame"] == "merge_placement"       # B = 1: dim 0 is the frames
-    full, present, _ = T.apply_token_cache(gm, plan, merged=False)
-    merged, _, consts = T.apply_token_cache(gm, plan, merged=True)
+    full, present, _ = M.apply_merge(gm, plan, merged=False)
+    merged, _, consts = M.apply_merge(gm, plan, merged=True)
     with torch.no_grad():
         f = full(*ex)
-        n = len(f) - len(T.state_specs(present))
+        n = len(f) - len(M.state_specs(present))
         m = merged(*ex, *f[n:], *consts)
     assert (m[0] - f[0]).abs().max() > 1e-4
-    plan_i = T.plan_token_cache(gm, find_blocks(gm), block_ratio=0.5, placement="swapped", fill="interpolate")
+    plan_i = M.plan_merge(gm, find_blocks(gm), M.MergeOptions(block_ratio=0.5, merge_placement="swapped",
+                                                              merge_fill="interpolate", merge_rotate=False))
     w, = plan_i.wraps
-    assert T.state_specs(plan_i.wraps) == []
-    full, present, _ = T.apply_token_cache(gm, plan_i, merged=False)
-    merged, _, consts = T.apply_token_cache(gm, plan_i, merged=True)
-    assert sum(x.target is T.interpolation_index for x in merged.graph.nodes) == 1
+    assert M.state_specs(plan_i.wraps) == []
+    full, present, _ = M.apply_merge(gm, plan_i, merged=False)
+    merged, _, consts = M.apply_merge(gm, plan_i, merged=True)
+    assert sum(x.target is M.interpolation_index for x in merged.graph.nodes) == 1
     with torch.no_grad():
         f, m = full(*ex), merged(*ex, *consts)          # no state in, none out
     assert len(f) == len(m) == len(gm(*ex)) and (m[0] - f[0]).abs().max() > 1e-4
     dit, dkw = testing.tiny_dit(num_layers=3)
     gm, _ = trace(dit, dkw)
-    plan = T.plan_token_cache(gm, find_blocks(gm), token_ratio=0.5, frame_ratio=0.5, placement="swapped")
+    plan = M.plan_merge(gm, find_blocks(gm), M.MergeOptions(token_ratio=0.5, frame_ratio=0.5, merge_placement="swapped",
+                                                            merge_fill="output", merge_rotate=False))
     codes = {r.subject: r.code for r in plan.refused}
     assert not plan.wraps and codes["token"] == codes["frame"] == "merge_placement"
 
@@ -344,15 +353,16 @@ def test_swapped_placement_graph_properties():
 def test_merge_ffn_false_runs_the_feed_forward_on_every_row():
     model, kw = testing.tiny_dit(num_layers=3)
     gm, ex = trace(model, kw)
-    plan = T.plan_token_cache(gm, find_blocks(gm), token_ratio=0.5)      # merge_ffn=False
+    plan = M.plan_merge(gm, find_blocks(gm), M.MergeOptions(token_ratio=0.5, merge_fill="output",
+                                                            merge_rotate=False))      # merge_ffn=False
     w, = plan.wraps
     assert not any("ff" in name for name in w.region)
-    merged, _, consts = T.apply_token_cache(gm, plan, merged=True)
+    merged, _, consts = M.apply_merge(gm, plan, merged=True)
     ff = [x for x in merged.graph.nodes if any(p.startswith("transformer_blocks.1.ff") for p in module_paths(x))
           and x.op == "call_function" and getattr(x.target, "__name__", "") == "linear"]
     assert ff and all(x.meta["example_value"].shape[1] == 16 for x in ff)
     # the skipped rows of the new state are the cached rows
-    full, present, _ = T.apply_token_cache(gm, plan, merged=False)
+    full, present, _ = M.apply_merge(gm, plan, merged=False)
     with torch.no_grad():
         f = full(*ex)
         cache = torch.randn_like(f[-1])
@@ -402,6 +412,34 @@ def test_config_validation(field, value):
     with pytest.raises(ConfigError) as e:
         omnicompile.OmniCache(**{field: value})
     assert field in str(e.value)
+
+
+@pytest.mark.parametrize("field,value", [("token_ratio", 1.0), ("frame_ratio", -0.1), ("block_ratio", "x"),
+                                         ("block_ratio", True), ("token_ratio", float("inf")), ("patch", 0),
+                                         ("patch", 2.0), ("merge_ffn", 1), ("merge_exclude", -1),
+                                         ("merge_exclude", True), ("merge_fill", "average"),
+                                         ("merge_placement", None), ("merge_rotate", "yes"), ("merge_refresh", 0),
+                                         ("merge_refresh", 1.5), ("merge_refresh", True)])
+def test_merge_options_validate_like_the_config(field, value):
+    """MergeOptions has the config's names and defaults, and refuses what it refuses with the
+    same message (an OptionError, a ValueError)."""
+    cfg = OmniCacheConfig()
+    names = [f.name for f in dataclasses.fields(M.MergeOptions)]
+    assert {n: getattr(cfg, n) for n in names} == dataclasses.asdict(M.MergeOptions())
+    with pytest.raises(OptionError) as got:
+        M.MergeOptions(**{field: value})
+    with pytest.raises(ConfigError) as want:
+        omnicompile.OmniCache(**{field: value})
+    assert got.value.field == want.value.field == field
+    assert got.value.allowed == want.value.allowed
+
+
+def test_merge_options_reject_nan_and_say_when_enabled():
+    with pytest.raises(OptionError, match="token_ratio"):
+        M.MergeOptions(token_ratio=float("nan"))
+    assert not M.MergeOptions().enabled and M.MergeOptions(block_ratio=0.25).enabled
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        M.MergeOptions().token_ratio = 0.5
 
 
 def test_config_accepts_the_ablation_values():
@@ -454,26 +492,28 @@ def test_rotated_splits_cover_every_row_and_fit_one_graph():
     do not advance the phase or the refresh count."""
     model, kw = testing.tiny_latte(num_layers=3, frames=4)
     gm, ex = trace(model, kw)
-    plan = T.plan_token_cache(gm, find_blocks(gm), frame_ratio=0.5, block_ratio=0.5, rotate=True)
+    plan = M.plan_merge(gm, find_blocks(gm), M.MergeOptions(frame_ratio=0.5, block_ratio=0.5, merge_rotate=True,
+                                                            merge_fill="output"))
     assert {w.axis: len(w.splits) for w in plan.wraps} == {"frame": 2, "block": 4}
     for w in plan.wraps:
         assert sorted(d for sp in w.splits for d in sp[1]) == list(range(w.rows))
         assert w.splits[0] == w.split and w.describe()["phases"] == len(w.splits)
     phases = []
-    merged, _, consts = T.apply_token_cache(gm, plan, merged=True, phases=phases)
+    merged, _, consts = M.apply_merge(gm, plan, merged=True, phases=phases)
     assert len(phases) == 4 and phases[0] == consts
     assert all([t.shape for t in p] == [t.shape for t in consts] for p in phases)
     assert not torch.equal(phases[1][0], phases[0][0])
-    full, present, _ = T.apply_token_cache(gm, plan, merged=False)
+    full, present, _ = M.apply_merge(gm, plan, merged=False)
     with torch.no_grad():
         f = full(*ex)
-        n = len(f) - len(T.state_specs(present))
+        n = len(f) - len(M.state_specs(present))
         for p in phases:           # the frame cache stays exact with this step's cache in every phase
             assert torch.equal(merged(*ex, *f[n:], *p)[0], f[0])
     geo = plan.geometry
-    assert len(T._split_for("frame", geo, 5, None, rotate=True)[0]) == 1         # 3 dst vs 2: dropped
-    assert len(T._split_for("frame", geo, 6, None, rotate=True)[0]) == 2
-    assert len(T.plan_token_cache(gm, find_blocks(gm), block_ratio=0.5).wraps[0].splits) == 1
+    assert len(M.split_for("frame", geo, 5, None, rotate=True)[0]) == 1         # 3 dst vs 2: dropped
+    assert len(M.split_for("frame", geo, 6, None, rotate=True)[0]) == 2
+    fixed = M.MergeOptions(block_ratio=0.5, merge_fill="output", merge_rotate=False)
+    assert len(M.plan_merge(gm, find_blocks(gm), fixed).wraps[0].splits) == 1
     torch._dynamo.reset()
     dit, dkw = testing.tiny_dit(num_layers=3)
     steps = (1000.0, 800.0, 600.0, 400.0, 200.0)
@@ -488,8 +528,10 @@ def test_auto_fill_takes_residual_where_the_output_is_a_residual_stream():
     its input (DiT: the region ends on the stream), the same as asking for residual."""
     model, kw = testing.tiny_dit(num_layers=4)
     gm, _ = trace(model, kw)
-    auto = T.plan_token_cache(gm, find_blocks(gm), token_ratio=0.5, merge_ffn=True, fill="auto")
-    res = T.plan_token_cache(gm, find_blocks(gm), token_ratio=0.5, merge_ffn=True, fill="residual")
+    auto = M.plan_merge(gm, find_blocks(gm), M.MergeOptions(token_ratio=0.5, merge_ffn=True, merge_fill="auto",
+                                                            merge_rotate=False))
+    res = M.plan_merge(gm, find_blocks(gm), M.MergeOptions(token_ratio=0.5, merge_ffn=True, merge_fill="residual",
+                                                           merge_rotate=False))
     assert auto.wraps and [w.fill for w in auto.wraps] == [w.fill for w in res.wraps] == ["residual"] * len(res.wraps)
     assert omnicompile.OmniCache().config.merge_fill == "auto"
 

@@ -8,7 +8,7 @@ import torch
 
 from omnicompile import CalibrationError, ConfigError, OmniCache
 from omnicompile.testing import tiny_flux
-from omnicompile.trajectory import Calibration
+from omnicompile.policies.trajectory import Calibration
 from reference_cache import FluxResidualCache
 from test_sampling import sample
 
@@ -94,14 +94,14 @@ def test_trajectory_matches_reference_sampler(correction):
     calib = sample(fn, kw, uncond, steps=STEPS)          # generation 0 calibrates, all computed
     torch.testing.assert_close(calib, plain, rtol=1e-5, atol=1e-5)
     rt = oc.runtimes[0]
-    rt._finish_calibration()                             # (else the next generation's start does it)
+    rt.calibrator.finish()                               # (else the next generation's start does it)
     # random weights give uncorrelated cache noise (fitted gammas ~0): pin gamma so the
     # correction term is exercised
-    rt._gammas = [0.7] * STEPS
+    rt.gammas = [0.7] * STEPS
     got = sample(fn, kw, uncond, steps=STEPS)
     assert len(rt.schedule) == int(0.4 * STEPS)
-    assert rt.calibration.slots == 2 and rt.calibration.num_steps == STEPS
-    want = reference_sampler(model, kw, uncond, set(rt.schedule), rt._gammas, correction)
+    assert rt.calibrator.result.slots == 2 and rt.calibrator.result.num_steps == STEPS
+    want = reference_sampler(model, kw, uncond, set(rt.schedule), rt.gammas, correction)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     steps = [s for s in oc.report().graphs[0].steps if s.generation == 1]
     reused = sorted({s.step for s in steps if "reused" in s.decisions.values()})
@@ -118,20 +118,20 @@ def test_runs_and_band_match_reference_sampler(max_run, band, mode):
     fn = torch.compile(model, backend=oc, fullgraph=True)
     oc.calibrate(lambda: sample(fn, kw, uncond, steps=STEPS))
     rt = oc.runtimes[0]
-    rt._gammas = [0.9 - 0.02 * s for s in range(STEPS)]
+    rt.gammas = [0.9 - 0.02 * s for s in range(STEPS)]
     got = sample(fn, kw, uncond, steps=STEPS)
     runs = [1]
     for a, b in zip(rt.schedule, rt.schedule[1:]):
         runs[-1:] = [runs[-1] + 1] if b == a + 1 else [runs[-1], 1]
     assert len(rt.schedule) == int(0.6 * STEPS) and max(runs) > 1
     assert max_run is None or max(runs) <= max_run
-    want = reference_sampler(model, kw, uncond, set(rt.schedule), rt._gammas, True, band, mode)
+    want = reference_sampler(model, kw, uncond, set(rt.schedule), rt.gammas, True, band, mode)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     coefs = [r.signals["gamma"] for r in oc.report().graphs[0].steps if r.generation == 1 and r.signals]
     if mode == "chain":
-        assert max(coefs) > max(rt._gammas)   # a chained coefficient exceeds every single gamma
+        assert max(coefs) > max(rt.gammas)   # a chained coefficient exceeds every single gamma
     else:
-        assert min(coefs) < min(rt._gammas)   # q measured 2+ steps stale is scaled down
+        assert min(coefs) < min(rt.gammas)   # q measured 2+ steps stale is scaled down
 
 
 def test_explicit_reuse_steps_are_corrected():
@@ -140,10 +140,10 @@ def test_explicit_reuse_steps_are_corrected():
     fn = torch.compile(model, backend=oc, fullgraph=True)
     oc.calibrate(lambda: sample(fn, kw, uncond, steps=STEPS))
     rt = oc.runtimes[0]
-    rt._gammas = [0.7] * STEPS
+    rt.gammas = [0.7] * STEPS
     got = sample(fn, kw, uncond, steps=STEPS)
     assert rt.schedule == [9, 11, 12, 13]
-    want = reference_sampler(model, kw, uncond, {9, 11, 12, 13}, rt._gammas, True)
+    want = reference_sampler(model, kw, uncond, {9, 11, 12, 13}, rt.gammas, True)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -154,7 +154,9 @@ def test_band_without_a_grid_is_reported():
     fn = torch.compile(model, backend=oc, fullgraph=True)
     with torch.no_grad():
         fn(**kw)
-    assert "band_unknown" in {r.code for r in oc.report().graphs[0].refused}
+    g = oc.report().graphs[0]
+    assert g.cached and g.fallback is None       # only the band is dropped, the graph is cached
+    assert "band_unknown" in {r.code for r in g.refused}
 
 
 def test_correction_changes_the_reused_output(tmp_path):
@@ -210,7 +212,7 @@ def test_few_steps_disable_reuse():
 
 def test_presets_and_policy_errors():
     assert OmniCache(policy="trajectory-fast").config.policy == "trajectory-fast"
-    from omnicompile.policies import make_policy
+    from omnicompile.registry import make_policy
     assert make_policy(OmniCache(policy="trajectory-slow").config).budget == 0.5
     assert make_policy(OmniCache(policy="trajectory-fast").config).budget == 0.7
     assert make_policy(OmniCache(policy="trajectory-fast", budget=0.3).config).budget == 0.3

@@ -1,22 +1,24 @@
 """Runtime side of the token, frame and block caches (``token_ratio``, ``frame_ratio``,
-``block_ratio``; the graph side is :mod:`omnicompile.passes.tokens`).
+``block_ratio``; the graph side is :mod:`omnicompile.passes.merge`).
 
-The caches combine with any step policy without the policy knowing: the backend plans the
-wrapped regions once on Dynamo's graph, then hands the step runtime a :class:`TokenCompiler`
-in place of the inner compiler.  Every graph the runtime compiles (its computed and reused
+The caches are a layer under any step policy, which does not know about them: the backend
+plans the wrapped regions once on Dynamo's graph (:meth:`MergeLayer.for_graph`, configured by
+one :class:`~omnicompile.passes.merge.MergeOptions` — the config's ``token_ratio`` …
+``merge_refresh``), then hands the policy's runtime a :class:`MergeCompiler` in place of the
+inner compiler (``RuntimeContext.compile_fn``).  Every graph the runtime compiles (its computed and reused
 variants, the trajectory's compute graph, ...) is rewritten by
-:func:`~omnicompile.passes.tokens.apply_token_cache` for the regions it still holds — a
+:func:`~omnicompile.passes.merge.apply_merge` for the regions it still holds — a
 region inside a reused span is gone from that variant, so *a step-reused unit is not
-merged* — and the returned :class:`TokenCallable` keeps the signature the runtime expects:
+merged* — and the returned :class:`MergedCallable` keeps the signature the runtime expects:
 it appends the cache state to the arguments, strips the new state from the results and keeps
 it per CFG slot.  Each callable holds two compiled graphs: the *full* one (nothing merged; its
 outputs seed the state) for the first call of a slot in a generation, and the *merged* one,
 compiled on first use (``merge_fill="interpolate"`` holds no state: an empty marker per region
 keeps the same full-then-merged schedule).  Generations and slots come from the step runtime's
-:class:`~omnicompile.runtime.StepTracker` (``bind``); with no step policy
-(``policy="none"``, or no cacheable span) :class:`TokenRuntime` tracks steps itself.
+:class:`~omnicompile.runtime.tracker.StepTracker` (the runtime binds it); with no step policy
+(``policy="none"``, or no cacheable span) :class:`MergeRuntime` is the runtime.
 
-Rotation and refresh: :class:`TokenState` counts the calls of each slot in a generation
+Rotation and refresh: :class:`MergeState` counts the calls of each slot in a generation
 (``k``; the step index with no step policy — a step policy's reused steps call a graph
 without the regions and are not counted, so both advance on computed steps).  The merged
 graph takes the split index tensors as inputs; with ``merge_rotate`` the callable passes the
@@ -30,38 +32,81 @@ refresh are host integers.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 
 from omnicompile.passes.common import Reason
-from omnicompile.passes.tokens import TokenPlan, apply_token_cache, plan_token_cache, state_specs
-from omnicompile.runtime import _RuntimeBase, call_compiled
-from omnicompile.report import StepRecord
+from omnicompile.passes.merge import MergeOptions, MergePlan, apply_merge, plan_merge, state_specs
+from omnicompile.preview import Preview
+from omnicompile.runtime.base import Runtime, call_compiled
 
-__all__ = ["token_cache_enabled", "plan_for_config", "TokenState", "TokenCompiler", "TokenCallable",
-           "TokenRuntime"]
+log = logging.getLogger("omnicompile")
 
-
-def token_cache_enabled(cfg) -> bool:
-    return any(getattr(cfg, f, 0.0) > 0 for f in ("token_ratio", "frame_ratio", "block_ratio"))
+__all__ = ["MergeLayer", "MergeState", "MergeCompiler", "MergedCallable", "MergeRuntime"]
 
 
-def plan_for_config(gm: fx.GraphModule, blocks, cfg) -> TokenPlan:
-    plan = plan_token_cache(gm, blocks, token_ratio=cfg.token_ratio, frame_ratio=cfg.frame_ratio,
-                            block_ratio=cfg.block_ratio, patch=cfg.patch, merge_ffn=cfg.merge_ffn,
-                            exclude=cfg.merge_exclude, fill=cfg.merge_fill, placement=cfg.merge_placement,
-                            rotate=cfg.merge_rotate)
-    plan.refresh = cfg.merge_refresh
-    return plan
+class MergeLayer:
+    """The token / frame / block caches of one compiled graph: the plan, the state, and the
+    compiler that wraps the inner backend."""
+
+    def __init__(self, plan: MergePlan, report):
+        self.plan = plan
+        self.state = MergeState(plan, report)
+
+    @classmethod
+    def for_graph(cls, gm: fx.GraphModule, blocks, options: MergeOptions, report, strict: bool = False) -> "MergeLayer":
+        """Plan the caches on ``gm`` (refusals in ``.refused``; ``.wraps`` empty when nothing is
+        wrapped).  A planning bug refuses everything (``merge_failed``) unless ``strict``."""
+        try:
+            plan = plan_merge(gm, blocks, options)
+        except Exception as e:
+            if strict:
+                raise
+            log.exception("omnicache: token cache planning failed")
+            plan = MergePlan([], [Reason("merge_failed", f"{type(e).__name__}: {e}")], None, options)
+        return cls(plan, report)
+
+    @property
+    def wraps(self) -> list:
+        return self.plan.wraps
+
+    @property
+    def refused(self) -> list:
+        return self.plan.refused
+
+    def compiler(self, inner: Callable) -> "MergeCompiler":
+        return MergeCompiler(inner, self.plan, self.state)
+
+    def bind(self, tracker) -> None:
+        """Generations and CFG slots come from the runtime's step tracker."""
+        self.state.bind(tracker)
+
+    def held_bytes(self) -> int:
+        return self.state.held_bytes()
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    @staticmethod
+    def rewritten(fn) -> dict[str, tuple[fx.GraphModule, str]]:
+        """The graphs the layer made of one compiled graph ``fn`` (a :class:`MergedCallable`;
+        nothing for a graph that holds no wrapped region): ``{suffix: (graph, signature)}``."""
+        if not isinstance(fn, MergedCallable):
+            return {}
+        return {"merge_full": (fn.full_graph, "(*inputs) -> (*outputs, *merge state: each wrapped region's "
+                               "output, or its residual)"),
+                "merged": (fn.merged_graph, "(*inputs, *merge state, *split index tensors) -> (*outputs, "
+                           "*merge state')")}
 
 
-class TokenState:
+class MergeState:
     """The caches' state of one compiled graph: per CFG slot, the last output (or residual)
     of every wrapped region, keyed ``block:output``; cleared when a generation starts."""
 
-    def __init__(self, plan: TokenPlan, report):
+    def __init__(self, plan: MergePlan, report):
         self.plan = plan
         self.report = report
         self.tracker = None
@@ -114,16 +159,16 @@ class TokenState:
         self.calls.clear()
 
 
-class TokenCompiler:
-    """Stands in for the inner compiler: ``TokenCompiler(inner, plan, state)(g, examples)``."""
+class MergeCompiler:
+    """Stands in for the inner compiler: ``MergeCompiler(inner, plan, state)(g, examples)``."""
 
-    def __init__(self, inner: Callable, plan: TokenPlan, state: TokenState):
+    def __init__(self, inner: Callable, plan: MergePlan, state: MergeState):
         self.inner = inner
         self.plan = plan
         self.state = state
 
     def __call__(self, g: fx.GraphModule, example_inputs: list):
-        full, present, _ = apply_token_cache(g, self.plan, merged=False)
+        full, present, _ = apply_merge(g, self.plan, merged=False)
         hidden = _in_branches(g, self.plan)
         if hidden:
             self.state.report.token_cache["unmerged_graphs"] += 1
@@ -133,10 +178,10 @@ class TokenCompiler:
                 self.state.report.refused.append(why)
         if not present:
             return self.inner(g, example_inputs)
-        return TokenCallable(self, g, list(example_inputs), full, present)
+        return MergedCallable(self, g, list(example_inputs), full, present)
 
 
-def _in_branches(g: fx.GraphModule, plan: TokenPlan) -> list[str]:
+def _in_branches(g: fx.GraphModule, plan: MergePlan) -> list[str]:
     """Planned regions whose nodes sit inside a submodule (a ``torch.cond`` branch) of ``g``."""
     names = set()
     for _, mod in g.named_modules():
@@ -145,10 +190,10 @@ def _in_branches(g: fx.GraphModule, plan: TokenPlan) -> list[str]:
     return [w.block for w in plan.wraps if w.region and w.region[-1] in names]
 
 
-class TokenCallable:
+class MergedCallable:
     """One compiled graph with its wrapped regions: picks the full or merged version per call."""
 
-    def __init__(self, compiler: TokenCompiler, g: fx.GraphModule, example_inputs: list,
+    def __init__(self, compiler: MergeCompiler, g: fx.GraphModule, example_inputs: list,
                  full: fx.GraphModule, present: list):
         self.compiler = compiler
         self.g = g
@@ -161,9 +206,10 @@ class TokenCallable:
         self.marks = [f"{w.block}:ran" for w in present if w.fill == "interpolate"]
         self.saved = sum(w.flops_full - w.flops_merged for w in present)
         self.full_graph = full
-        self.merged_graph: Optional[fx.GraphModule] = None
         self.consts: list[torch.Tensor] = []
         self.phases: list[list[torch.Tensor]] = []     # split index tensors per rotation phase
+        # the rewrite now (the dumps show it), its compilation on the first merged call
+        self.merged_graph, _, self.consts = apply_merge(g, compiler.plan, merged=True, phases=self.phases)
         self._full = compiler.inner(full, example_inputs)
         self._merged = None
 
@@ -173,8 +219,6 @@ class TokenCallable:
 
     def merged(self):
         if self._merged is None:
-            self.merged_graph, _, self.consts = apply_token_cache(self.g, self.compiler.plan, merged=True,
-                                                                  phases=self.phases)
             self._merged = self.compiler.inner(self.merged_graph,
                                                self.example_inputs + self._state_examples() + self.consts)
         return self._merged
@@ -208,26 +252,25 @@ class TokenCallable:
 _MARK = torch.empty(0)
 
 
-class TokenRuntime(_RuntimeBase):
+class MergeRuntime(Runtime):
     """The token / frame / block caches without a step policy: one graph, every step computed
     (merged wherever a cache is held)."""
 
-    def __init__(self, gm, example_inputs, analysis, config, policy, report, compile_fn, guard=None):
-        super().__init__(gm, example_inputs, analysis, config, policy, report, compile_fn)
-        self.spans = []
-        self._fn = self._compile("tokens", gm, [])
+    def __init__(self, ctx):
+        super().__init__(ctx, [])
+        self.merge: MergeLayer = ctx.merge
+        self._fn = self.compile("tokens", self.gm, [], "(*inputs) -> (*outputs): the merge layer keeps its state")
 
     def __call__(self, *args):
-        gen, step, slot, new, t = self._advance(args)
+        call = self.advance(args)
         outs = call_compiled(self._fn, list(args))
-        self.report.steps.append(StepRecord(gen, step, slot, t, {}, 0))
-        state = getattr(self.compile_fn, "state", None)
-        if state is not None:
-            self.report.cache_bytes = state.held_bytes()
+        self.record(call, {}, 0)
         return tuple(outs)
 
-    def reset(self) -> None:
-        super().reset()
-        state = getattr(self.compile_fn, "state", None)
-        if state is not None:
-            state.reset()
+    def held_bytes(self) -> int:
+        return self.merge.held_bytes()
+
+    def preview(self, steps: int) -> Preview:
+        return Preview.computed(steps, [], self.report.flops_per_call,
+                                "token/frame/block caches only: every step computed, the wrapped blocks on "
+                                "their kept rows from the second call of each slot on")

@@ -1,0 +1,111 @@
+"""Policy ``probe`` (DiCache): an online shallow-layer probe decides, per sample and step,
+inside the graph.
+
+The first ``probe_depth`` blocks always run; their output's relative change against the
+previous step, accumulated, is compared with ``threshold``; below it the remaining blocks are
+skipped and their residual is extrapolated along the last two cached ones (``align``).  Steps
+within the first ``ret_ratio`` of sampling and the last step are always computed — the host
+knows those from the step index, everything else is decided on the device
+(:mod:`omnicompile.passes.probe`).  With ``probe_depth=1`` and ``align=False`` this is
+First-Block-Cache.  CFG batched in one call decides once for the whole batch (compute if the
+batch's mean error says so); CFG run as separate calls keeps a separate probe state per call.
+
+:class:`ProbeRuntime` keeps the probe state per CFG slot and passes the host's force flag;
+the graph takes ``(*orig, force, *state)`` and returns ``(*orig_out, *state', reuse, err,
+gamma)``.  The records (device tensors) are read back only in ``flush()`` (when the report is
+read), so the step loop never syncs on them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from omnicompile.errors import RewriteError
+from omnicompile.passes.probe import build_probe, plan_probe
+from omnicompile.policy import Policy
+from omnicompile.preview import Preview
+from omnicompile.registry import register_policy
+from omnicompile.report import StepRecord
+from omnicompile.runtime.base import Runtime, call_compiled
+
+__all__ = ["ProbePolicy", "ProbeRuntime"]
+
+
+@register_policy("probe")
+class ProbePolicy(Policy):
+    """DiCache (see the module docstring)."""
+
+    guards = ("cond",)
+
+    def forced(self, step: int, num_steps: Optional[int], t: Optional[float], t0: Optional[float]) -> bool:
+        """Steps computed whatever the probe says: the first ``ret_ratio`` of sampling and the
+        last step (DiCache: ``step <= int(ret_ratio * N) or step == N - 1``).  Without a known
+        step count the first ``ret_ratio`` is measured on the timestep value (progress
+        ``1 - t / t_0``, ``t0`` the generation's first timestep) and the last step cannot be
+        protected."""
+        if num_steps is not None:
+            return step <= int(self.config.ret_ratio * num_steps) or step == num_steps - 1
+        if not t0:
+            return True
+        return (1.0 - t / t0) <= self.config.ret_ratio
+
+    def make_runtime(self, ctx):
+        return ProbeRuntime(ctx, self)
+
+    def describe(self):
+        c = self.config
+        return {"policy": "probe", "threshold": c.threshold, "probe_depth": c.probe_depth,
+                "ret_ratio": c.ret_ratio, "error": c.error, "align": c.align}
+
+
+class ProbeRuntime(Runtime):
+    def __init__(self, ctx, policy: ProbePolicy):
+        c = ctx.config
+        plan, why = plan_probe(ctx.gm, ctx.analysis, c.probe_depth)
+        if plan is None:
+            raise RewriteError.from_reason(why)
+        self.policy = policy
+        self.plan = plan
+        super().__init__(ctx, plan.spans)
+        self.specs = plan.state_specs()
+        self.pending: list = []
+        self._flags = {b: torch.tensor(b, device=self.device) for b in (False, True)}
+        g = build_probe(self.gm, plan, float(c.threshold), c.error, c.align, c.align_clip)
+        sig = ("(*inputs, force, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev, r_last] per span) -> "
+               "(*outputs, *state', reuse, err, gamma)")
+        self._fn = self.compile("probe", g, [self._flags[False]] + self.zeros(self.specs), sig)
+
+    def __call__(self, *args):
+        call = self.advance(args)
+        st = self.slots.get(call.slot)
+        force = self.policy.forced(call.step, self.num_steps, call.timestep, self.tracker.t0) or st is None
+        if st is None:
+            st = self.zeros(self.specs)
+        outs = call_compiled(self._fn, list(args) + [self._flags[bool(force)]] + st)
+        n_state = len(self.specs)
+        self.slots[call.slot] = list(outs[self.n_out:self.n_out + n_state])
+        records = outs[self.n_out + n_state:]
+        self.pending.append((call, bool(force), records))
+        self.report.cache_bytes = self.held_bytes()
+        return tuple(outs[:self.n_out])
+
+    def flush(self) -> None:
+        for call, force, records in self.pending:
+            reuse = bool(records[0]) and not force
+            signals = {} if force else {"error": float(records[1]), "gamma": float(records[2])}
+            self.report.steps.append(StepRecord(
+                call.generation, call.step, call.slot, call.timestep,
+                {sp.name: ("reused" if reuse else "computed") for sp in self.spans},
+                sum(sp.flops for sp in self.spans) if reuse else 0, signals=signals))
+        self.pending.clear()
+
+    def preview(self, steps: int) -> Preview:
+        rows = []
+        for step in range(steps):
+            computed = step == 0 or self.policy.forced(step, steps, None, None)
+            rows.append(["computed" if computed else "dynamic"] * len(self.spans))
+        note = (f"policy {self.policy.name!r} decides at run time ('?' steps); the ideal speedup counts every "
+                "such step as reused: an upper bound")
+        return Preview(steps, [s.name for s in self.spans], [s.flops for s in self.spans],
+                       self.report.flops_per_call, rows, note)

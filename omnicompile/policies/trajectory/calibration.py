@@ -1,0 +1,210 @@
+"""The trajectory policy's calibration: what one fully computed generation measures, the
+JSON file it is saved as, and the :class:`~omnicompile.calibration.Calibrator` that runs it.
+
+At every step of the calibration generation the runtime records (slot 0) the displacement of
+the latent the sampler feeds the model, the model output, and the cache-induced noise ``q``
+a reuse would have caused there (the measure variant of :mod:`omnicompile.passes.correct`).
+:class:`Recorder` turns those into per-step curvature scores (angle between consecutive
+latent displacements, relative change of the output) and the noise ratio ``gamma_s`` (least
+squares of ``q_s ≈ gamma_s q_{s-1}``).
+
+Calibration files are JSON (never pickle), keyed by a fingerprint of the graph (op sequence,
+input shapes and dtypes), the step count, the input shape and the number of calls per step
+(CFG run as one or two calls); loading checks every field and raises
+:class:`~omnicompile.errors.CalibrationError` naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from omnicompile.calibration import Calibrator
+from omnicompile.errors import CalibrationError
+from omnicompile.graphs.schedule import angle_scores, fit_gamma, output_change_scores
+from omnicompile.passes.common import is_param_placeholder, node_signature
+
+__all__ = ["Calibration", "Recorder", "TrajectoryCalibrator", "graph_fingerprint", "FORMAT", "VERSION"]
+
+FORMAT = "omnicompile-trajectory-calibration"
+VERSION = 1
+
+
+def graph_fingerprint(gm: fx.GraphModule) -> str:
+    """Hash of the op sequence and the shapes/dtypes of the non-parameter inputs."""
+    h = hashlib.sha256()
+    for n in gm.graph.nodes:
+        h.update(node_signature(n).encode())
+        if n.op == "placeholder" and not is_param_placeholder(n):
+            ev = n.meta.get("example_value")
+            if isinstance(ev, torch.Tensor):
+                h.update(f"{tuple(ev.shape)}{ev.dtype}".encode())
+    return h.hexdigest()[:32]
+
+
+def _num(v):
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+@dataclasses.dataclass
+class Calibration:
+    fingerprint: str
+    num_steps: int
+    shape: list
+    slots: int
+    angle: list          # per step, None where undefined
+    output: list
+    gamma: list
+    q_norm: list
+
+    # ---------------------------------------------------------------- JSON
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(format=FORMAT, version=VERSION)
+        return d
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+
+    @classmethod
+    def from_json(cls, d) -> "Calibration":
+        if not isinstance(d, dict):
+            raise CalibrationError(f"calibration: expected a JSON object, got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise CalibrationError(f"calibration field 'format': expected {FORMAT!r}, got {d.get('format')!r}")
+        if d.get("version") != VERSION:
+            raise CalibrationError(f"calibration field 'version': expected {VERSION}, got {d.get('version')!r}")
+        def need(name, kind, check=lambda v: True, what=""):
+            if name not in d:
+                raise CalibrationError(f"calibration field {name!r} is missing")
+            v = d[name]
+            if not isinstance(v, kind) or isinstance(v, bool) or not check(v):
+                raise CalibrationError(f"calibration field {name!r}: got {v!r}; expected {what}")
+            return v
+        fp = need("fingerprint", str, lambda v: len(v) > 0, "a non-empty string")
+        n = need("num_steps", int, lambda v: v >= 1, "a positive integer")
+        shape = need("shape", list, lambda v: all(isinstance(x, int) for x in v), "a list of integers")
+        slots = need("slots", int, lambda v: v >= 1, "a positive integer")
+        lists = {}
+        for name in ("angle", "output", "gamma", "q_norm"):
+            lists[name] = need(name, list, lambda v: len(v) == n and all(
+                x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+                for x in v), f"a list of {n} numbers or nulls (one per step)")
+        return cls(fp, n, shape, slots, **lists)
+
+    @classmethod
+    def load(cls, path: str) -> "Calibration":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise CalibrationError(f"calibration file {path!r} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"calibration file {path!r} is not valid JSON: {e}") from None
+        return cls.from_json(d)
+
+    def check_matches(self, fingerprint: str, shape: list, slots: int) -> None:
+        if self.fingerprint != fingerprint:
+            raise CalibrationError(f"calibration field 'fingerprint': {self.fingerprint} was made for another "
+                                   f"model or graph (this graph: {fingerprint}); recalibrate")
+        if list(self.shape) != list(shape):
+            raise CalibrationError(f"calibration field 'shape': {self.shape} but the input is {list(shape)}")
+        if self.slots != slots:
+            raise CalibrationError(f"calibration field 'slots': calibrated with {self.slots} call(s) per step, "
+                                   f"this run makes {slots}")
+
+    # ---------------------------------------------------------------- schedule
+    def scores(self, curvature: str) -> list[float]:
+        vals = self.angle if curvature == "angle" else self.output
+        return [math.inf if v is None else v for v in vals]
+
+    def gammas(self) -> list[float]:
+        known = [g for g in self.gamma if g is not None]
+        fallback = statistics.median(known) if known else 1.0
+        return [fallback if g is None else g for g in self.gamma]
+
+
+class Recorder:
+    """Accumulates the calibration statistics of slot 0, step by step."""
+
+    def __init__(self):
+        self.x_prev = self.d_prev = self.y_prev = self.q_prev = None
+        self.dots, self.norms, self.rel, self.q_dots, self.q_sq = [], [], [], [], []
+
+    @staticmethod
+    def _f(t):
+        return t.detach().reshape(-1).float()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, q: Optional[torch.Tensor]) -> None:
+        x, y = self._f(x), self._f(y)
+        if self.x_prev is None:
+            self.dots.append(math.nan)
+            self.norms.append(0.0)
+            self.rel.append(math.inf)
+        else:
+            d = x - self.x_prev
+            self.norms.append(float(d.norm()))
+            self.dots.append(float(d @ self.d_prev) if self.d_prev is not None else math.nan)
+            self.rel.append(float((y - self.y_prev).norm() / self.y_prev.norm().clamp_min(1e-12)))
+            self.d_prev = d
+        if q is None:
+            self.q_dots.append(math.nan)
+            self.q_sq.append(0.0)
+        else:
+            qf = self._f(q)
+            self.q_sq.append(float(qf @ qf))
+            self.q_dots.append(float(qf @ self.q_prev) if self.q_prev is not None else math.nan)
+            self.q_prev = qf
+        self.x_prev, self.y_prev = x, y
+
+    def finish(self, fingerprint, shape, slots) -> Calibration:
+        n = len(self.norms)
+        return Calibration(fingerprint, n, list(shape), slots,
+                           [_num(v) for v in angle_scores(self.dots, self.norms)],
+                           [_num(v) for v in output_change_scores(self.rel)],
+                           [_num(v) if v is not None else None for v in fit_gamma(self.q_dots, self.q_sq)],
+                           [_num(math.sqrt(v)) for v in self.q_sq])
+
+
+class TrajectoryCalibrator(Calibrator):
+    """Runs a trajectory calibration on its runtime (``owner``): records slot 0 of each step,
+    counts the calls per step, and hands the result to ``owner.set_calibration``."""
+
+    kind = "trajectory calibration"
+
+    def __init__(self, owner, mode):
+        super().__init__(mode)
+        self.owner = owner
+        self.recorder: Optional[Recorder] = None
+        self.slots_seen = 1
+
+    def begin(self) -> None:
+        self.recorder = Recorder()
+        self.slots_seen = 1
+
+    def record(self, step, slot, args, outputs, state) -> None:
+        self.slots_seen = max(self.slots_seen, slot + 1)
+        if slot == 0:
+            q = state.get("q")
+            self.recorder.step(args[self.owner.latent_index], outputs[self.owner.out_float[0]],
+                               q[0] if q else None)
+
+    def end(self) -> Optional[Calibration]:
+        rec, self.recorder = self.recorder, None
+        if rec is None or len(rec.norms) <= 1:
+            return None
+        return rec.finish(self.owner.fingerprint, self.owner.latent_shape, self.slots_seen)
+
+    def read(self, path: str) -> Calibration:
+        return Calibration.load(path)
+
+    def use(self, result: Calibration, source: str) -> None:
+        self.owner.set_calibration(result)
+        self.result, self.source = result, source

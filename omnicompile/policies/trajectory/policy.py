@@ -1,0 +1,81 @@
+"""The trajectory policy and its presets: the schedule a calibration gives."""
+from __future__ import annotations
+
+from typing import Optional
+
+from omnicompile.graphs.schedule import select_reuse_steps
+from omnicompile.passes.common import Reason
+from omnicompile.policies.trajectory.calibration import Calibration
+from omnicompile.policies.trajectory.runtime import TrajectoryRuntime
+from omnicompile.policy import Policy
+from omnicompile.registry import register_policy
+
+__all__ = ["TrajectoryPolicy", "TrajectorySlow", "TrajectoryFast", "MIN_STEPS"]
+
+#: runs with this many steps or fewer are not cached (too few steps to skip any)
+MIN_STEPS = 8
+
+
+@register_policy("trajectory")
+class TrajectoryPolicy(Policy):
+    """Trajectory-guided global reuse (see :mod:`omnicompile.policies.trajectory`)."""
+
+    guards = ("variants",)
+    calibratable = True
+    default_budget: Optional[float] = None   # presets set these
+    default_max_run: Optional[int] = None
+
+    def make_runtime(self, ctx):
+        return TrajectoryRuntime(ctx, self)
+
+    @property
+    def budget(self) -> float:
+        c = self.config
+        if self.default_budget is not None and c.budget == c.__dataclass_fields__["budget"].default:
+            return self.default_budget
+        return c.budget
+
+    @property
+    def max_run(self) -> Optional[int]:
+        c = self.config
+        if self.default_max_run is not None and c.max_run == c.__dataclass_fields__["max_run"].default:
+            return self.default_max_run
+        return c.max_run
+
+    def schedule(self, cal: Calibration) -> tuple[list[int], Optional[Reason]]:
+        """The reuse steps for a calibration (and why there are none, where that is a rule)."""
+        n = cal.num_steps
+        if n <= MIN_STEPS:
+            return [], Reason("few_steps", f"{n} steps: runs of {MIN_STEPS} steps or fewer are not cached")
+        c = self.config
+        if c.reuse_steps is not None:       # an explicit schedule, corrected with the calibrated gammas
+            return [s for s in c.reuse_steps if 1 <= s < n], None
+        steps = select_reuse_steps(cal.scores(c.curvature), self.budget, min_gap=c.min_gap,
+                                   warmup=c.warmup, cooldown=max(1, c.cooldown), max_run=self.max_run)
+        return steps, None
+
+    def describe(self):
+        c = self.config
+        d = {"policy": self.name, "budget": self.budget, "curvature": c.curvature, "min_gap": c.min_gap,
+             "max_run": self.max_run, "correction": c.correction, "calibrate": c.calibrate}
+        if c.correction_band is not None:
+            d["correction_band"] = list(c.correction_band)
+        if c.reuse_steps is not None:
+            d["reuse_steps"] = list(c.reuse_steps)
+        return d
+
+
+@register_policy("trajectory-slow")
+class TrajectorySlow(TrajectoryPolicy):
+    """Preset: about 2x on the whole-stack span (budget 0.5, runs of up to 2 reuses; reference
+    model: 14 of 28 steps reused, 51.5 dB)."""
+    default_budget = 0.5
+    default_max_run = 2
+
+
+@register_policy("trajectory-fast")
+class TrajectoryFast(TrajectoryPolicy):
+    """Preset: about 2.5x on the whole-stack span (budget 0.7, runs of up to 3 reuses; reference
+    model: 19 of 28 steps reused, 42.8 dB)."""
+    default_budget = 0.7
+    default_max_run = 3

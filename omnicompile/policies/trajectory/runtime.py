@@ -1,0 +1,186 @@
+"""The trajectory runtime: calibration generations computed in full (measuring), later ones
+on the schedule, with the cache-noise correction.
+
+Compiled graphs: ``variant_C`` (every span computed, residuals out), ``measure`` (also the
+noise ``q`` a reuse would have made: before a run of reuses and while calibrating),
+``variant_R`` (every span reused) and ``reuse_corrected`` (reused, minus ``c * q``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from omnicompile.passes.common import Reason
+from omnicompile.passes.correct import BandFilter, build_corrected_reuse, build_measure_variant, float_outputs
+from omnicompile.passes.rewrite import build_variant
+from omnicompile.policies.trajectory.calibration import Calibration, TrajectoryCalibrator, graph_fingerprint
+from omnicompile.errors import CalibrationError
+from omnicompile.preview import Preview
+from omnicompile.runtime.base import Runtime, call_compiled
+
+log = logging.getLogger("omnicompile")
+
+__all__ = ["TrajectoryRuntime"]
+
+
+class TrajectoryRuntime(Runtime):
+    def __init__(self, ctx, policy):
+        self.policy = policy
+        super().__init__(ctx, ctx.analysis.spans)
+        gm, config, report = self.gm, self.config, self.report
+        self.counts = [len(s.live_streams) for s in self.spans]
+        self.fingerprint = graph_fingerprint(gm)
+        self.out_float = float_outputs(gm)
+        self.latent_index = self._find_latent(gm, ctx.analysis)
+        self.latent_shape = list(self.example_inputs[self.latent_index].shape)
+        #: the reuse steps of the calibration in use, and its per-step noise ratios
+        self.schedule: list[int] = []
+        self.gammas: list[float] = []
+        self.calibrator = TrajectoryCalibrator(self, config.calibrate)
+        self.gamma = torch.ones((), device=self.device)
+        if isinstance(config.calibrate, str) and config.calibrate != "first":
+            self.calibrator.load(config.calibrate)
+        elif config.calibrate is None:
+            report.refused.append(Reason("not_calibrated", "calibrate=None and no calibration given: every step "
+                                         "is computed until oc.calibrate(fn) runs"))
+        res = self._residual_specs()
+        self._fn_compute = self.compile("variant_C", build_variant(gm, self.spans, (False,) * len(self.spans)), [],
+                                        "(*inputs) -> (*outputs, *residuals of every span)")
+        self._fn_measure = self.compile("measure", build_measure_variant(gm, self.spans), self.zeros(res),
+                                        "(*inputs, *residuals) -> (*outputs, *residuals', *q per float output)")
+        self._fn_reuse = self.compile("variant_R", build_variant(gm, self.spans, (True,) * len(self.spans)),
+                                      self.zeros(res), "(*inputs, *residuals of every span) -> (*outputs)")
+        self._fn_corrected = None
+        if config.correction:
+            outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+            q_ex = [torch.zeros(tuple(outs[i].meta["example_value"].shape), dtype=outs[i].meta["example_value"].dtype,
+                                device=self.device) for i in self.out_float]
+            self._fn_corrected = self.compile("reuse_corrected", build_corrected_reuse(gm, self.spans),
+                                              self.zeros(res) + [self.gamma] + q_ex,
+                                              "(*inputs, *residuals, gamma, *q per float output) -> (*outputs)")
+        self._band = None
+        if config.correction and config.correction_band is not None:
+            try:
+                self._band = [BandFilter(q.shape, config.correction_band, self.device) for q in q_ex]
+            except ValueError as e:
+                why = Reason("band_unknown", f"correction_band {list(config.correction_band)} ignored, the whole "
+                             f"correction is applied: the model output has no spatial grid the band can refer to ({e})")
+                report.refused.append(why)
+                log.warning("omnicompile: %s", why.message)
+
+    def _residual_specs(self) -> list:
+        return [s for sp in self.spans for s in sp.live_streams]
+
+    def _find_latent(self, gm, analysis) -> int:
+        """The input the sampler moves along its trajectory: the float input shaped like a
+        model output (denoisers predict in latent space), else the largest float input the
+        first span's streams are computed from."""
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+        out_shapes = {tuple(outs[i].meta["example_value"].shape) for i in self.out_float}
+        floats = [i for i in self.user_index if isinstance(self.example_inputs[i], torch.Tensor)
+                  and self.example_inputs[i].dtype.is_floating_point and i != self.ts_index]
+        for i in floats:
+            if tuple(self.example_inputs[i].shape) in out_shapes:
+                return i
+        anc, stack = set(), [s.input for s in self.spans[0].streams]
+        while stack:
+            n = stack.pop()
+            if n not in anc:
+                anc.add(n)
+                stack.extend(n.all_input_nodes)
+        cands = [i for i in floats if placeholders[i] in anc] or floats
+        return max(cands, key=lambda i: self.example_inputs[i].numel())
+
+    # ---------------------------------------------------------------- calibration
+    @property
+    def calibration(self) -> Optional[Calibration]:
+        """The calibration in use (None before one ran or was loaded)."""
+        return self.calibrator.result
+
+    def set_calibration(self, cal: Calibration) -> None:
+        """Check ``cal`` against this graph and derive the schedule from it."""
+        cal.check_matches(self.fingerprint, self.latent_shape, cal.slots)
+        if self.config.num_steps is not None and self.config.num_steps != cal.num_steps:
+            raise CalibrationError(f"calibration field 'num_steps': calibrated for {cal.num_steps} steps, "
+                                   f"option num_steps is {self.config.num_steps}")
+        self.schedule, why = self.policy.schedule(cal)
+        self.gammas = cal.gammas()
+        if why is not None and why not in self.report.refused:
+            self.report.refused.append(why)
+
+    # ---------------------------------------------------------------- call
+    def __call__(self, *args):
+        call = self.advance(args)
+        step = call.step
+        calibrating = self.calibrator.active
+        st = self.slots.setdefault(call.slot, {})
+        cal = self.calibration
+        scheduled = not calibrating and cal is not None and step in self.schedule
+        reuse = scheduled and "res" in st and step < cal.num_steps
+        forced = [s.name for s in self.spans] if scheduled and not reuse else []
+        measure = "res" in st and (calibrating or (self.config.correction and not reuse
+                                                   and cal is not None and step + 1 in self.schedule))
+        coef = None
+        if reuse:
+            if self._fn_corrected is not None and "q" in st:
+                # k-th reuse of a run, residual k steps stale: q_hat = sum_j prod_{i<=j} gamma_i * q
+                mode = self.config.run_correction
+                k = st.get("k", 0) + 1
+                st["k"] = k
+                if mode == "scaled":
+                    # q was measured with a residual d steps stale; this reuse's is k steps stale:
+                    # the noise grows about linearly with the staleness
+                    st["coef"] = self.gammas[step - k + 1] * k / st.get("d", 1)
+                elif k == 1 or mode == "chain":
+                    st["prod"] = st.get("prod", 1.0) * self.gammas[step]
+                    st["coef"] = st.get("coef", 0.0) + st["prod"]
+                elif mode == "first":
+                    st["coef"] = 0.0
+                coef = st["coef"]           # mode "hold": the first step's coefficient
+                self.gamma.fill_(coef)
+                outs = call_compiled(self._fn_corrected, list(args) + st["res"] + [self.gamma] + st["q"])
+            else:
+                outs = call_compiled(self._fn_reuse, list(args) + st["res"])
+        elif measure:
+            outs = call_compiled(self._fn_measure, list(args) + st["res"])
+            k = self.n_out + sum(self.counts)
+            # state goes back into graphs compiled for contiguous examples (Inductor asserts strides)
+            st["res"] = [r.contiguous() for r in outs[self.n_out:k]]
+            qs = outs[k:] if self._band is None else [f(q) for f, q in zip(self._band, outs[k:])]
+            st["q"] = [q.contiguous() for q in qs]
+            st["prod"], st["coef"], st["k"] = 1.0, 0.0, 0
+            st["d"] = max(1, step - st.get("res_step", step - 1))
+            st["res_step"] = step
+        else:
+            outs = call_compiled(self._fn_compute, list(args))
+            st["res"] = [r.contiguous() for r in outs[self.n_out:]]
+            st.pop("q", None)
+            st["prod"], st["coef"], st["k"] = 1.0, 0.0, 0
+            st["res_step"] = step
+        if calibrating:
+            self.calibrator.record(step, call.slot, args, outs, st)
+        self.record(call, {sp.name: ("reused" if reuse else "computed") for sp in self.spans},
+                    sum(sp.flops for sp in self.spans) if reuse else 0, forced,
+                    {"gamma": coef} if coef is not None else {})
+        return tuple(outs[:self.n_out])
+
+    def preview(self, steps: int) -> Preview:
+        cal = self.calibration
+        if cal is None:
+            return Preview.computed(steps, self.spans, self.report.flops_per_call,
+                                    f"policy {self.policy.name!r} is not calibrated yet: every step is computed "
+                                    "until a calibration runs (option calibrate='first' calibrates on the first "
+                                    "generation)")
+        note = None
+        if cal.num_steps != steps:
+            note = f"the calibration is for {cal.num_steps} steps; its schedule is shown over {steps}"
+        schedule = set(self.schedule)
+        rows = []
+        for step in range(steps):
+            rows.append(["reused" if step in schedule and step > 0 else
+                         ("forced" if step in schedule else "computed")] * len(self.spans))
+        return Preview(steps, [s.name for s in self.spans], [s.flops for s in self.spans],
+                       self.report.flops_per_call, rows, note)
