@@ -26,10 +26,10 @@ setup(
     install_requires=["torch>=2.11", "triton", "networkx>=3.0", "sympy>=1.12"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "numpy", "diffusers>=0.35", "safetensors", "matplotlib",
-                 "scikit-learn", "scikit-image", "tqdm"],
+                 "scikit-learn", "scikit-image", "tqdm", "transformers"],
         "viz": ["matplotlib"],
         "diffusers": ["diffusers>=0.35", "safetensors", "numpy"],
-        "bench": ["diffusers>=0.35", "safetensors", "numpy", "tqdm", "matplotlib",
+        "bench": ["diffusers>=0.35", "transformers", "safetensors", "numpy", "tqdm", "matplotlib",
                   "scikit-learn", "scikit-image", "scipy", "cache-dit"],
     },
     entry_points={

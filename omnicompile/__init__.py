@@ -18,11 +18,14 @@ from omnicompile.registry import POLICIES, register_policy
 from omnicompile.policy import Policy, SchedulePolicy
 from omnicompile import policies as _policies  # noqa: F401  (registers the built-in policies)
 from omnicompile.backend import OmniCache, last_report, omnicache_backend
+from omnicompile.generation import Generation, current_generation, generation
+from omnicompile.pipeline import PipelineCache, compile_pipeline
 from omnicompile.report import Report
 
 __all__ = ["OmniCache", "OmniCacheConfig", "ConfigError", "OmniCacheError", "RewriteError", "CalibrationError",
            "ScheduleError", "POLICIES", "register_policy", "Policy", "SchedulePolicy", "omnicache_backend",
-           "last_report", "Report"]
+           "last_report", "Report", "compile_pipeline", "PipelineCache", "generation", "Generation",
+           "current_generation"]
 __version__ = "0.1.0"
 
 

@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from omnicompile.config import OmniCacheConfig
 from omnicompile.errors import CalibrationError, OmniCacheError, RewriteError
+from omnicompile.generation import current_generation
 from omnicompile.merging import MergeLayer, MergeRuntime
 from omnicompile.passes.blocks import find_blocks
 from omnicompile.passes.common import Reason
@@ -258,9 +259,13 @@ def decisive_reason(blocks, analysis) -> Reason:
 
 
 def _not_inference(analysis, example_inputs) -> Optional[Reason]:
-    """Why a graph cannot be cached across steps at all: no timestep, or gradients enabled."""
-    if analysis.timestep is None:
-        return Reason("no_timestep", "no timestep input found: cannot tell denoising steps apart")
+    """Why a graph cannot be cached across steps at all: no timestep and no generation context
+    that counts the steps, or gradients enabled."""
+    gen = current_generation()
+    if analysis.timestep is None and (gen is None or not gen.count_steps):
+        return Reason("no_timestep", "no timestep input found: cannot tell denoising steps apart (a model whose "
+                      "blocks follow a graph break is cached when it runs inside compile_pipeline or "
+                      "omnicompile.generation(count_steps=True))")
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         return Reason("training_graph", "gradients are enabled: caching is for inference; "
                       "call the model under torch.no_grad() or torch.inference_mode()")

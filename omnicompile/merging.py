@@ -15,7 +15,7 @@ it per CFG slot.  Each callable holds two compiled graphs: the *full* one (nothi
 outputs seed the state) for the first call of a slot in a generation, and the *merged* one,
 compiled on first use (``merge_fill="interpolate"`` holds no state: an empty marker per region
 keeps the same full-then-merged schedule).  Generations and slots come from the step runtime's
-:class:`~omnicompile.runtime.tracker.StepTracker` (the runtime binds it); with no step policy
+:mod:`~omnicompile.runtime.placement` (the runtime's session of each call); with no step policy
 (``policy="none"``, or no cacheable span) :class:`MergeRuntime` is the runtime.
 
 Rotation and refresh: :class:`MergeState` counts the calls of each slot in a generation
@@ -32,6 +32,8 @@ refresh are host integers.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from typing import Callable, Optional
 
@@ -44,6 +46,9 @@ from omnicompile.preview import Preview
 from omnicompile.runtime.base import Runtime, call_compiled
 
 log = logging.getLogger("omnicompile")
+
+#: (session, CFG slot) of the call a runtime is running (MergeLayer.serving)
+_SERVING: contextvars.ContextVar = contextvars.ContextVar("omnicompile_merge_serving", default=None)
 
 __all__ = ["MergeLayer", "MergeState", "MergeCompiler", "MergedCallable", "MergeRuntime"]
 
@@ -80,15 +85,15 @@ class MergeLayer:
     def compiler(self, inner: Callable) -> "MergeCompiler":
         return MergeCompiler(inner, self.plan, self.state)
 
-    def bind(self, tracker) -> None:
-        """Generations and CFG slots come from the runtime's step tracker."""
-        self.state.bind(tracker)
-
-    def held_bytes(self) -> int:
-        return self.state.held_bytes()
-
-    def reset(self) -> None:
-        self.state.reset()
+    @contextlib.contextmanager
+    def serving(self, session, slot: int):
+        """While a runtime runs a compiled graph for one call: the state lives in the call's
+        session (one model in one generation), under its CFG slot."""
+        token = _SERVING.set((session, slot))
+        try:
+            yield
+        finally:
+            _SERVING.reset(token)
 
     @staticmethod
     def rewritten(fn) -> dict[str, tuple[fx.GraphModule, str]]:
@@ -103,41 +108,39 @@ class MergeLayer:
 
 
 class MergeState:
-    """The caches' state of one compiled graph: per CFG slot, the last output (or residual)
-    of every wrapped region, keyed ``block:output``; cleared when a generation starts."""
+    """The caches' state: per session (one model in one generation stream — the runtime says
+    which, :meth:`MergeLayer.serving`) and CFG slot, the last output (or residual) of every
+    wrapped region, keyed ``block:output``, and the calls of each slot so far (a new
+    generation starts with an empty session)."""
 
     def __init__(self, plan: MergePlan, report):
         self.plan = plan
         self.report = report
-        self.tracker = None
-        self._generation = None
-        self.slots: dict[int, dict[str, torch.Tensor]] = {}
-        self.calls: dict[int, int] = {}      # per slot: calls so far in this generation
         tc = report.token_cache
         tc.update({"geometry": plan.geometry.describe() if plan.geometry else None,
                    "wrapped": [w.describe() for w in plan.wraps], "merged_calls": 0, "full_calls": 0,
                    "refresh_calls": 0, "refresh": plan.refresh, "flops_saved": 0, "unmerged_graphs": 0})
 
-    def bind(self, tracker) -> None:
-        self.tracker = tracker
+    @staticmethod
+    def _where() -> tuple[dict, int]:
+        serving = _SERVING.get()
+        if serving is None:
+            raise RuntimeError("a merged graph ran outside its runtime (MergeLayer.serving)")
+        session, slot = serving
+        return session.merge, slot
 
     def _slot(self) -> dict:
-        t = self.tracker
-        gen, slot = (t.generation, t.slot) if t is not None else (0, 0)
-        if gen != self._generation:
-            self._generation = gen
-            self.slots.clear()
-            self.calls.clear()
-        return self.slots.setdefault(slot, {})
+        store, slot = self._where()
+        return store.setdefault(("slot", slot), {})
 
     def tick(self) -> int:
         """The index of this call among its slot's calls in the generation (then counts it):
         the step index with no step policy; a step policy's reused steps are not counted (they
         call a graph without the regions), so rotation and refresh advance on computed steps."""
-        self._slot()
-        slot = self.tracker.slot if self.tracker is not None else 0
-        k = self.calls.get(slot, 0)
-        self.calls[slot] = k + 1
+        store, slot = self._where()
+        calls = store.setdefault("calls", {})
+        k = calls.get(slot, 0)
+        calls[slot] = k + 1
         return k
 
     def lookup(self, keys: list[str]) -> Optional[list[torch.Tensor]]:
@@ -150,13 +153,6 @@ class MergeState:
         st = self._slot()
         for k, v in zip(keys, values):
             st[k] = v
-
-    def held_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self.slots.values() for t in s.values())
-
-    def reset(self) -> None:
-        self.slots.clear()
-        self.calls.clear()
 
 
 class MergeCompiler:
@@ -263,12 +259,9 @@ class MergeRuntime(Runtime):
 
     def __call__(self, *args):
         call = self.advance(args)
-        outs = call_compiled(self._fn, list(args))
+        outs = self.invoke(call, self._fn, list(args))
         self.record(call, {}, 0)
         return tuple(outs)
-
-    def held_bytes(self) -> int:
-        return self.merge.held_bytes()
 
     def preview(self, steps: int) -> Preview:
         return Preview.computed(steps, [], self.report.flops_per_call,

@@ -36,10 +36,12 @@ from typing import Any, Optional, Sequence
 
 from omnicompile.passes.common import Reason
 
-__all__ = ["SpanReport", "StepRecord", "GraphReport", "Report", "percentile"]
+__all__ = ["SpanReport", "StepRecord", "GenerationRecord", "GraphReport", "Report", "percentile"]
 
 #: percentiles reported by ``signal_stats``
 PERCENTILES = (50, 90, 99)
+#: generations kept in ``GraphReport.generation_log``
+MAX_GENERATIONS = 256
 
 _MARK = {"computed": "C", "reused": "R"}
 
@@ -64,6 +66,25 @@ class StepRecord:
     forced: list[str] = dataclasses.field(default_factory=list)  # spans computed for lack of a cache
     #: per-call values a policy measured (e.g. a probe's relative change), name -> value
     signals: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: which model made the call (0, 1, ... in order of first call: models of one class share
+    #: a graph and keep separate caches)
+    model: int = 0
+    #: why the call could not be placed with certainty (it computed every span), else ""
+    uncertain: str = ""
+
+
+@dataclasses.dataclass
+class GenerationRecord:
+    """One generation of one model: where its steps came from and what it ran by."""
+    generation: int
+    model: int
+    #: "pipeline" (compile_pipeline), "context" (omnicompile.generation) or "inferred"
+    source: str
+    num_steps: Optional[int]      # None: unknown when it started
+    #: the schedule / calibration / plan it used, in words ("" when the policy has none)
+    plan: str = ""
+    #: the generation context it ran in (its id: one per pipeline call), None without one
+    context: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -86,6 +107,19 @@ class GraphReport:
     #: token / frame / block caches (omnicompile.merging): geometry, wrapped regions, calls
     #: merged / full and FLOPs saved by merging (included in ``flops_saved``)
     token_cache: dict = dataclasses.field(default_factory=dict)
+    #: models seen by this graph (instances of one class share it, with separate caches)
+    models: int = 0
+    #: the generations, most recent last (at most MAX_GENERATIONS kept)
+    generation_log: list[GenerationRecord] = dataclasses.field(default_factory=list)
+
+    def add_generation(self, rec: GenerationRecord) -> None:
+        self.generation_log.append(rec)
+        del self.generation_log[:-MAX_GENERATIONS]
+
+    @property
+    def uncertain_calls(self) -> int:
+        """Calls that could not be placed with certainty (each computed every span)."""
+        return sum(1 for r in self.steps if r.uncertain)
 
     @property
     def calls(self) -> int:
@@ -173,6 +207,7 @@ class GraphReport:
                 "span_decisions_computed": c, "span_decisions_reused": u, "hit_rate": self.hit_rate,
                 "flops_per_call": self.flops_per_call, "flops_saved": self.flops_saved,
                 "flops_saved_fraction": self.flops_saved_fraction, "cache_bytes": self.cache_bytes,
+                "models": self.models, "uncertain_calls": self.uncertain_calls,
                 "fallback": self.fallback.to_dict() if self.fallback else None}
 
     # ------------------------------------------------------------------ export
@@ -193,6 +228,7 @@ class GraphReport:
         kw["steps"] = [StepRecord(**{**s, "timestep": float(s["timestep"]),
                                      "signals": {k: float(v) for k, v in s.get("signals", {}).items()}})
                        for s in d.get("steps", [])]
+        kw["generation_log"] = [GenerationRecord(**g) for g in d.get("generation_log", [])]
         return cls(**kw)
 
     def to_markdown(self, all_generations: bool = False) -> str:
@@ -238,6 +274,15 @@ class GraphReport:
             lines.append("")
         if g.steps:
             c, u = g.span_decisions
+            if g.models > 1:
+                lines += [f"{g.models} models share this graph (instances of one class), each with its own caches", ""]
+            if g.generation_log:
+                lines += ["generations:", ""] + [f"- {r.generation + 1}: {_md(_generation_text(r, g.models))}"
+                                                 for r in g.generation_log[-8:]] + [""]
+            if g.uncertain_calls:
+                why = next(r.uncertain for r in g.steps if r.uncertain)
+                lines += [f"{g.uncertain_calls} call(s) could not be placed with certainty and computed every "
+                          f"span (first: {_md(why)})", ""]
             lines += [f"calls {g.calls} in {g.generations} generation(s); span decisions computed {c}, "
                       f"reused {u} (hit rate {g.hit_rate:.1%}); FLOPs saved {g.flops_saved_fraction:.1%} "
                       f"({g.flops_saved / 1e6:.3f} MFLOP); cache held {_bytes(g.cache_bytes)}", ""]
@@ -364,11 +409,18 @@ class Report:
                 last_gen = g.steps[-1].generation
                 shown = [r for r in g.steps if r.generation == last_gen]
                 lines.append(f"  generation {last_gen + 1} of {g.generations}:")
+                rec = next((r for r in reversed(g.generation_log) if r.generation == last_gen), None)
+                if rec is not None:
+                    lines.append(f"  ({_generation_text(rec, g.models)})")
                 lines.append("  gen step slot  timestep  " + "  ".join(f"{n:>12}" for n in names))
                 for r in shown:
                     marks = "  ".join(f"{r.decisions.get(n, '-'):>12}" for n in names)
                     lines.append(f"  {r.generation + 1:>3} {r.step:>4} {r.slot:>4} {r.timestep:>9.4f}  {marks}")
                 c, u = g.span_decisions
+                if g.uncertain_calls:
+                    why = next(r.uncertain for r in g.steps if r.uncertain)
+                    lines.append(f"  {g.uncertain_calls} call(s) could not be placed with certainty and computed "
+                                 f"every span (first: {why})")
                 lines.append(f"  calls {g.calls}, span decisions computed {c} / reused {u} "
                              f"(hit rate {g.hit_rate:.1%}), FLOPs saved {g.flops_saved_fraction:.1%}, "
                              f"cache held {g.cache_bytes / 1024:.1f} KiB")
@@ -404,6 +456,13 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     return str(obj)
+
+
+def _generation_text(r: GenerationRecord, models: int) -> str:
+    who = f"model {r.model}, " if models > 1 else ""
+    steps = f"{r.num_steps} steps" if r.num_steps is not None else "step count unknown"
+    return f"{who}{steps} from the {r.source if r.source != 'inferred' else 'timestep (no context)'}" + \
+        (f": {r.plan}" if r.plan else "")
 
 
 def _policy_text(policy: dict) -> str:

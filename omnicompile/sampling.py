@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from omnicompile.errors import OmniCacheError
+from omnicompile.generation import generation
 
 __all__ = ["euler_sampler", "SamplerError"]
 
@@ -26,8 +27,8 @@ class SamplerError(OmniCacheError, ValueError):
 
 def euler_sampler(model: Callable, example_kwargs: dict, steps: int,
                   progress: Optional[Callable[[int, int, str], None]] = None):
-    """Run ``steps`` calls of ``model(**kwargs)`` as one generation and return the final
-    latent (None when no input could be updated).
+    """Run ``steps`` calls of ``model(**kwargs)`` as one generation (a generation context that
+    counts the steps) and return the final latent (None when no input could be updated).
 
     The timestep goes linearly from the example's value towards 0 (rounded for integer
     timesteps); ``progress(done, total, message)`` is called after each step."""
@@ -46,7 +47,7 @@ def euler_sampler(model: Callable, example_kwargs: dict, steps: int,
         (k for k, v in example_kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
          and v.dim() >= 2), None)
     x = example_kwargs[key].clone() if key is not None else None
-    with torch.no_grad():
+    with torch.no_grad(), generation(num_steps=steps, count_steps=True) as g:
         for i, t in enumerate(values):
             kw = dict(example_kwargs)
             kw["timestep"] = torch.full_like(ts, t)
@@ -56,6 +57,7 @@ def euler_sampler(model: Callable, example_kwargs: dict, steps: int,
             v = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
             if key is not None and isinstance(v, torch.Tensor) and v.shape == x.shape:
                 x = x + (values[i + 1] / t0 - t / t0 if i + 1 < steps else -t / t0) * v
+            g.step_done()
             if progress is not None:
                 progress(i + 1, steps, f"t={t:g}")
     return x

@@ -109,13 +109,31 @@ def test_repeated_timestep_value_starts_new_generation():
     assert [(s.generation, s.step) for s in g.steps] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
 
 
+def test_without_a_context_two_calls_at_step_0_make_step_1_uncertain():
+    """Two calls at the first timestep may be CFG's two slots or an abandoned generation
+    restarting at the same timestep: without a context step 1 computes, and says why."""
+    model, kw = TINY_MODELS["flux"]()
+    oc = OmniCache(policy="static", reuse_steps=[1, 3], inner_backend="eager")
+    fn = torch.compile(model, backend=oc, fullgraph=True)
+    with torch.no_grad():
+        for t in (1.0, 1.0, 0.9, 0.9, 0.8, 0.8, 0.7, 0.7):
+            fn(**with_timestep(kw, t))
+    g = oc.report().graphs[0]
+    step1 = [r for r in g.steps if r.step == 1]
+    assert all(r.uncertain and set(r.decisions.values()) == {"computed"} for r in step1)
+    assert "CFG slots or a generation restarted" in step1[0].uncertain
+    step3 = [r for r in g.steps if r.step == 3]      # two calls per step confirmed by step 1
+    assert all(not r.uncertain and set(r.decisions.values()) == {"reused"} for r in step3)
+    assert g.uncertain_calls == 2
+
+
 def test_cfg_split_calls_get_separate_slots():
     model, kw = TINY_MODELS["flux"]()
     uncond = dict(kw, encoder_hidden_states=torch.zeros_like(kw["encoder_hidden_states"]),
                   pooled_projections=torch.zeros_like(kw["pooled_projections"]))
     oc = OmniCache(policy="static", reuse_steps=[1], inner_backend="eager")
     fn = torch.compile(model, backend=oc, fullgraph=True)
-    with torch.no_grad():
+    with torch.no_grad(), omnicompile.generation(timesteps=[1.0, 0.9]):
         c0 = fn(**with_timestep(kw, 1.0))[0]
         u0 = fn(**with_timestep(uncond, 1.0))[0]
         # step 1 is reused: each slot returns its own input + its own residual; with the

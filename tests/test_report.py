@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import omnicompile
 from omnicompile import OmniCache
 from omnicompile.passes.common import Reason
 from omnicompile.report import GraphReport, Report, SpanReport, StepRecord, percentile
@@ -146,7 +147,7 @@ def test_report_of_a_real_run_with_cfg_slots():
     oc = OmniCache(inner_backend="eager", interval=2, warmup=1)
     fn = torch.compile(model, backend=oc, fullgraph=True)
     x = torch.randn(1, 4, 8)
-    with torch.no_grad():
+    with torch.no_grad(), omnicompile.generation(timesteps=[1.0, 0.8, 0.6, 0.4]):
         for t in (1.0, 0.8, 0.6, 0.4):
             for _ in range(2):                 # cond and uncond as two calls: two cache slots
                 fn(x, torch.tensor([t]))

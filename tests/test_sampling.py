@@ -1,8 +1,12 @@
 """A static schedule over a real sampling loop equals a plain-PyTorch reference sampler
 that reuses the same residuals at the same steps (diffusers FlowMatchEulerDiscreteScheduler)."""
+import contextlib
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+
+import omnicompile
 
 from omnicompile import OmniCache
 from omnicompile.policies.static import StaticPolicy
@@ -13,11 +17,14 @@ from reference_cache import FluxResidualCache
 STEPS = 12
 
 
-def sample(model_fn, kw, uncond, steps=STEPS, guidance=3.0, on_call=None, cfg="split"):
+def sample(model_fn, kw, uncond, steps=STEPS, guidance=3.0, on_call=None, cfg="split", context=True):
+    """A diffusers scheduler loop, inside a generation context driven by the scheduler (as
+    ``compile_pipeline`` runs a pipeline) unless ``context=False`` (a bare loop)."""
     sched = FlowMatchEulerDiscreteScheduler()
     sched.set_timesteps(steps)
     x = torch.randn(kw["hidden_states"].shape, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
+    gen = omnicompile.generation(scheduler=sched) if context else contextlib.nullcontext()
+    with torch.no_grad(), gen:
         for i, t in enumerate(sched.timesteps):
             ts = torch.full((x.shape[0],), float(t) / 1000.0)
             if cfg == "split":

@@ -27,7 +27,7 @@ from omnicompile.policy import Policy
 from omnicompile.preview import Preview
 from omnicompile.registry import register_policy
 from omnicompile.report import StepRecord
-from omnicompile.runtime.base import Runtime, call_compiled
+from omnicompile.runtime.base import Runtime
 
 __all__ = ["ProbePolicy", "ProbeRuntime"]
 
@@ -38,17 +38,14 @@ class ProbePolicy(Policy):
 
     guards = ("cond",)
 
-    def forced(self, step: int, num_steps: Optional[int], t: Optional[float], t0: Optional[float]) -> bool:
+    def forced(self, step: int, num_steps: Optional[int]) -> bool:
         """Steps computed whatever the probe says: the first ``ret_ratio`` of sampling and the
-        last step (DiCache: ``step <= int(ret_ratio * N) or step == N - 1``).  Without a known
-        step count the first ``ret_ratio`` is measured on the timestep value (progress
-        ``1 - t / t_0``, ``t0`` the generation's first timestep) and the last step cannot be
-        protected."""
-        if num_steps is not None:
-            return step <= int(self.config.ret_ratio * num_steps) or step == num_steps - 1
-        if not t0:
+        last step (DiCache: ``step <= int(ret_ratio * N) or step == N - 1``).  With the step
+        count unknown (no generation context, no ``num_steps``, no earlier generation of the
+        same schedule) any step may be the last: every step is computed."""
+        if num_steps is None:
             return True
-        return (1.0 - t / t0) <= self.config.ret_ratio
+        return step <= int(self.config.ret_ratio * num_steps) or step == num_steps - 1
 
     def make_runtime(self, ctx):
         return ProbeRuntime(ctx, self)
@@ -78,32 +75,33 @@ class ProbeRuntime(Runtime):
 
     def __call__(self, *args):
         call = self.advance(args)
-        st = self.slots.get(call.slot)
-        force = self.policy.forced(call.step, self.num_steps, call.timestep, self.tracker.t0) or st is None
+        st = call.slots.get(call.slot)
+        force = self.policy.forced(call.step, call.num_steps) or st is None or not call.certain
         if st is None:
             st = self.zeros(self.specs)
-        outs = call_compiled(self._fn, list(args) + [self._flags[bool(force)]] + st)
+        outs = self.invoke(call, self._fn, list(args) + [self._flags[bool(force)]] + st)
         n_state = len(self.specs)
-        self.slots[call.slot] = list(outs[self.n_out:self.n_out + n_state])
+        call.slots[call.slot] = list(outs[self.n_out:self.n_out + n_state])
         records = outs[self.n_out + n_state:]
-        self.pending.append((call, bool(force), records))
+        self.pending.append((call.place, call.timestep, bool(force), records))   # not the session: no caches kept
         self.report.cache_bytes = self.held_bytes()
         return tuple(outs[:self.n_out])
 
     def flush(self) -> None:
-        for call, force, records in self.pending:
+        for place, t, force, records in self.pending:
             reuse = bool(records[0]) and not force
             signals = {} if force else {"error": float(records[1]), "gamma": float(records[2])}
             self.report.steps.append(StepRecord(
-                call.generation, call.step, call.slot, call.timestep,
+                place.generation, place.step, place.slot, t if t is not None else float("nan"),
                 {sp.name: ("reused" if reuse else "computed") for sp in self.spans},
-                sum(sp.flops for sp in self.spans) if reuse else 0, signals=signals))
+                sum(sp.flops for sp in self.spans) if reuse else 0, signals=signals, model=place.model,
+                uncertain=place.why))
         self.pending.clear()
 
     def preview(self, steps: int) -> Preview:
         rows = []
         for step in range(steps):
-            computed = step == 0 or self.policy.forced(step, steps, None, None)
+            computed = step == 0 or self.policy.forced(step, steps)
             rows.append(["computed" if computed else "dynamic"] * len(self.spans))
         note = (f"policy {self.policy.name!r} decides at run time ('?' steps); the ideal speedup counts every "
                 "such step as reused: an upper bound")

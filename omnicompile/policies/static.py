@@ -29,6 +29,8 @@ class StaticPolicy(SchedulePolicy):
     ``cooldown`` steps are computed; after warm-up, reuse starts at once and every
     ``interval``-th step refreshes the cache: step ``s`` is computed when
     ``(s - warmup) % interval == interval - 1`` (interval 2: C C R C R C ... for warmup 2).
+    With ``cooldown`` and the step count unknown, any step may be one of the last: every step
+    is computed.
     """
 
     def is_reuse_step(self, step: int, num_steps: Optional[int]) -> bool:
@@ -37,7 +39,7 @@ class StaticPolicy(SchedulePolicy):
             return step in c.reuse_steps
         if step < c.warmup or c.interval <= 1:
             return False
-        if c.cooldown and num_steps is not None and step >= num_steps - c.cooldown:
+        if c.cooldown and (num_steps is None or step >= num_steps - c.cooldown):
             return False
         return (step - c.warmup) % c.interval != c.interval - 1
 

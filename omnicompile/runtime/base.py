@@ -1,10 +1,12 @@
 """The runtime protocol: what the backend returns to Dynamo for a cached graph.
 
 Dynamo calls a compiled graph once per denoising step (or twice, for CFG run as two calls).
-A *runtime* is that callable: it knows where the call sits (generation, step, CFG slot —
-:class:`~omnicompile.runtime.tracker.StepTracker`), keeps the cache state per slot, picks the
-compiled graph and its extra inputs, and records what happened in the graph's
-:class:`~omnicompile.report.GraphReport`.  A policy builds its runtime from a
+A *runtime* is that callable: it knows where the call sits — which model, generation, step,
+step count and CFG slot (:mod:`~omnicompile.runtime.placement`: from the generation context,
+or inferred conservatively) — keeps the cache state per session (one model in one generation
+stream) and slot, picks the compiled graph and its extra inputs, and records what happened in
+the graph's :class:`~omnicompile.report.GraphReport`.  A call the runtime cannot place with
+certainty computes every span.  A policy builds its runtime from a
 :class:`RuntimeContext` (``policy.make_runtime(ctx)``, :mod:`omnicompile.policy`).
 
 Every runtime is a :class:`Runtime` and provides, besides ``__call__``:
@@ -25,14 +27,15 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
+from omnicompile.passes.common import is_param_placeholder
 from omnicompile.preview import Preview
-from omnicompile.report import GraphReport, SpanReport, StepRecord
-from omnicompile.runtime.tracker import StepTracker
+from omnicompile.report import GenerationRecord, GraphReport, SpanReport, StepRecord
+from omnicompile.runtime.placement import Place, Session, Sessions
 
 log = logging.getLogger("omnicompile")
 
@@ -69,12 +72,46 @@ class RuntimeContext:
     merge: Any = None
 
 
-class Call(NamedTuple):
-    generation: int
-    step: int
-    slot: int
-    new: bool          # the first call of a generation
-    timestep: float
+@dataclasses.dataclass
+class Call:
+    """One call, placed: where it sits (:class:`~omnicompile.runtime.placement.Place`), its
+    session and its timestep (None for a graph without a timestep input)."""
+    place: Place
+    session: Session
+    timestep: Optional[float]
+
+    @property
+    def generation(self) -> int:
+        return self.place.generation
+
+    @property
+    def step(self) -> int:
+        return self.place.step
+
+    @property
+    def slot(self) -> int:
+        return self.place.slot
+
+    @property
+    def new(self) -> bool:
+        return self.place.new
+
+    @property
+    def model(self) -> int:
+        return self.place.model
+
+    @property
+    def num_steps(self) -> Optional[int]:
+        return self.place.num_steps
+
+    @property
+    def certain(self) -> bool:
+        return self.place.certain
+
+    @property
+    def slots(self) -> dict:
+        """The session's caches, per CFG slot."""
+        return self.session.slots
 
 
 class Runtime(abc.ABC):
@@ -90,26 +127,25 @@ class Runtime(abc.ABC):
         self.compile_fn = ctx.compile_fn
         self.guard = ctx.guard
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        self.ts_index = placeholders.index(ctx.analysis.timestep)
+        ts = ctx.analysis.timestep
+        self.ts_index = placeholders.index(ts) if ts is not None else None
         self.user_index = [placeholders.index(n) for n in ctx.analysis.user_inputs]
+        params = [i for i, n in enumerate(placeholders) if is_param_placeholder(n)]
         out = next(n for n in self.gm.graph.nodes if n.op == "output")
         val = out.args[0]
         self.n_out = len(val) if isinstance(val, (tuple, list)) else 1
-        self.tracker = StepTracker()
-        #: per CFG slot, what the runtime keeps between calls (caches, policy state);
-        #: cleared when a generation starts
-        self.slots: dict[int, Any] = {}
+        #: the sessions (one model in one generation stream) and the placement of each call
+        self.sessions = Sessions(params[0] if params else None, self.config.num_steps)
         self.compiled: dict[str, Callable] = {}
         self.graphs: dict[str, fx.GraphModule] = {}
         self.signatures: dict[str, str] = {}
-        self.device = self.example_inputs[self.ts_index].device
-        for i in self.user_index:
+        self.device = None
+        for i in ([self.ts_index] if self.ts_index is not None else []) + self.user_index:
             x = self.example_inputs[i]
-            if isinstance(x, torch.Tensor) and x.dim() > 1:
+            if isinstance(x, torch.Tensor):
                 self.device = x.device
-                break
-        if ctx.merge is not None:
-            ctx.merge.bind(self.tracker)
+                if x.dim() > 1:
+                    break
         self.spans: list = []
         self.set_spans(spans)
 
@@ -145,6 +181,7 @@ class Runtime(abc.ABC):
 
     # ------------------------------------------------------------------ calls
     def signature_of(self, args) -> tuple:
+        """The input shapes, dtypes and devices (a change starts a new generation)."""
         sig = []
         for i in self.user_index:
             a = args[i]
@@ -155,43 +192,62 @@ class Runtime(abc.ABC):
         return tuple(sig)
 
     def advance(self, args) -> Call:
-        """Place the call (reads the timestep) and start a generation where it begins one:
-        clear the slots, count it, and let the calibrator begin or end."""
-        ts = args[self.ts_index]
-        t = float(ts.reshape(-1)[0]) if isinstance(ts, torch.Tensor) else float(ts)
-        gen, step, slot, new = self.tracker.advance(t, self.signature_of(args))
-        if new:
+        """Place the call (reads the timestep: one scalar copy) and, where its session begins
+        a generation, count it and let the calibrator begin."""
+        t, dtype = None, None
+        if self.ts_index is not None:
+            ts = args[self.ts_index]
+            if isinstance(ts, torch.Tensor):
+                t, dtype = float(ts.reshape(-1)[0]), ts.dtype
+            else:
+                t = float(ts)
+        place, session = self.sessions.place(args, t, self.signature_of(args), dtype)
+        call = Call(place, session, t)
+        if call.new:
+            if self.calibrator is not None:
+                self.calibrator.session_ended(session)     # the stream's previous generation
+            session.clear()
             self.report.generations += 1
-            self.slots.clear()
-            self.generation_started()
-        return Call(gen, step, slot, new, t)
+            self.report.models = self.sessions.models
+            self.generation_started(call)
+        return call
 
-    def generation_started(self) -> None:
-        """Hook: a generation starts (after the slots were cleared)."""
+    def generation_started(self, call: Call) -> None:
+        """Hook: a generation starts (its session's caches are empty): the calibrator may
+        begin; the report records what the generation runs by."""
         if self.calibrator is not None:
-            self.calibrator.generation_started()
+            self.calibrator.generation_started(call)
+        self.report.add_generation(GenerationRecord(call.generation, call.model, call.place.source,
+                                                    call.num_steps, self.generation_plan(call),
+                                                    call.place.context))
+
+    def generation_plan(self, call: Call) -> str:
+        """What the generation of ``call`` runs by, for the report (a schedule, a calibration)."""
+        return ""
+
+    def invoke(self, call: Call, fn: Callable, args: Sequence):
+        """Run a compiled graph for ``call`` (the merge layer keeps its state in the call's
+        session)."""
+        if self.ctx.merge is None:
+            return call_compiled(fn, args)
+        with self.ctx.merge.serving(call.session, call.slot):
+            return call_compiled(fn, args)
 
     def record(self, call: Call, decisions: dict, flops_saved: int, forced: Sequence[str] = (),
                signals: Optional[dict] = None) -> None:
         self.report.cache_bytes = self.held_bytes()
-        self.report.steps.append(StepRecord(call.generation, call.step, call.slot, call.timestep, decisions,
-                                            flops_saved, list(forced), signals or {}))
+        t = call.timestep if call.timestep is not None else float("nan")
+        self.report.steps.append(StepRecord(call.generation, call.step, call.slot, t, decisions, flops_saved,
+                                            list(forced), signals or {}, call.model, call.place.why))
 
     def held_bytes(self) -> int:
-        """Bytes of every tensor the slots hold (nested lists / dicts)."""
-        def walk(v):
-            if isinstance(v, torch.Tensor):
-                return v.numel() * v.element_size()
-            if isinstance(v, dict):
-                return sum(walk(x) for x in v.values())
-            if isinstance(v, (list, tuple)):
-                return sum(walk(x) for x in v)
-            return 0
-        return walk(self.slots)
+        """Bytes of every tensor the sessions hold (caches, the merge layer's state)."""
+        return sum(s.held_bytes() for s in self.sessions.all())
 
-    @property
-    def num_steps(self) -> Optional[int]:
-        return self.config.num_steps or self.tracker.last_length
+    def known_spans(self) -> list:
+        """Every span this runtime guarded (a runtime whose spans change per generation lists
+        them all)."""
+        return list(self.spans)
 
     # ------------------------------------------------------------------ the protocol
     @abc.abstractmethod
@@ -207,9 +263,9 @@ class Runtime(abc.ABC):
         decisions back here, not in the step loop)."""
 
     def reset(self) -> None:
-        """The next call starts a new generation: caches and step counters are forgotten."""
-        self.tracker.reset()
-        self.slots.clear()
+        """The next call of every stream starts a new generation: caches are forgotten (a
+        calibration in progress ends here)."""
+        if self.calibrator is not None:
+            self.calibrator.finish()
+        self.sessions.reset()
         self.report.cache_bytes = 0
-        if self.ctx.merge is not None:
-            self.ctx.merge.reset()

@@ -95,7 +95,7 @@ def profile(oc, generate: Callable[[], Any], path: Optional[str] = None, *, meth
     out = []
     bar = None
     for rt in rts:
-        rt.use_units("compute")      # every graph computes everything while one is probed
+        rt.mode = "compute"          # every graph computes everything while one is probed
     for rt in rts:
         t_start = time.perf_counter()
         rt.calibrator.request()       # the reference generation records the proxy
@@ -103,8 +103,8 @@ def profile(oc, generate: Callable[[], Any], path: Optional[str] = None, *, meth
         with torch.no_grad():
             ref = _first_tensor(generate()).detach().float().clone()
         rows = rt.calibrator.take()
-        n_steps = rt.tracker.step + 1 if rt.tracker.step >= 0 else 0
-        if rows is None or len(rows) != n_steps or n_steps < 2:
+        n_steps = len(rows) if rows is not None else 0
+        if n_steps < 2:
             raise CalibrationError(f"the reference generation made {n_steps} step(s) of graph "
                                    f"{rt.report.graph_id}; profiling needs two or more")
         proxies = {"residual": rt.calibrator.make_profile("residual", rows).delta}
@@ -112,7 +112,7 @@ def profile(oc, generate: Callable[[], Any], path: Optional[str] = None, *, meth
             prof = rt.calibrator.make_profile(method, rows, seconds=time.perf_counter() - t_start)
             prof.proxies = proxies
         else:
-            n_spans = len(rt.spans)
+            n_spans = len(rt.unit_spans())
             todo = [(k, t) for k in range(n_spans) for t in range(1, n_steps) if steps is None or t in steps]
             if progress:
                 try:
@@ -132,7 +132,7 @@ def profile(oc, generate: Callable[[], Any], path: Optional[str] = None, *, meth
                     per_step[t][k] = float((y - ref).norm()) / norm
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(unit=rt.spans[k].name, step=t)
+                        bar.set_postfix(unit=rt.unit_spans()[k].name, step=t)
             finally:
                 if bar is not None:
                     bar.close()
@@ -148,7 +148,7 @@ def profile(oc, generate: Callable[[], Any], path: Optional[str] = None, *, meth
         rt.calibrator.adopt(prof, "profile")   # planned now, used once every graph is profiled
         out.append(prof)
     for rt in rts:
-        rt.use_plan()
+        rt.mode = "plan"
     if path is not None:
         root, ext = os.path.splitext(os.fspath(path))
         for i, p in enumerate(out):

@@ -19,51 +19,68 @@ __all__ = ["ResidualProxy"]
 
 
 class ResidualProxy(Calibrator):
+    """The layered runtime's calibrator: one recording per session, results per model and step
+    count (a generation that stops before its last step is abandoned: recalibrated next time)."""
+
     kind = "layered profile"
 
     def __init__(self, owner, mode):
         super().__init__(mode)
         self.owner = owner
-        self.rows: Optional[list] = None       # [step][span]: the recording of the active generation
-        self.prev: Optional[list] = None
 
-    def auto(self) -> bool:
-        # calibrate="first" profiles only while the runtime follows a plan it does not have yet
-        # (not while profile() drives it)
-        return super().auto() and self.owner.mode == "plan" and self.owner.plan is None
+    def auto(self, call) -> bool:
+        # calibrate="first" profiles only while the runtime follows plans (not while profile()
+        # drives it)
+        return super().auto(call) and self.owner.mode == "plan"
 
-    def begin(self) -> None:
-        self.owner.use_units("compute")
-        self.rows, self.prev = [], None
+    def begin(self, call) -> None:
+        call.session.data.update(proxy_rows=[], proxy_prev=None, proxy_first=call.step, proxy_n=call.num_steps,
+                                 proxy_broken=False)
 
-    def record(self, step, slot, args, outputs, state) -> None:
+    def record(self, call, args, outputs, state) -> None:
         """Slot 0 of a profiled step (``state``: the slot's residuals per span)."""
-        if slot != 0 or self.rows is None or step != len(self.rows):
+        d = call.session.data
+        rows = d.get("proxy_rows")
+        if call.slot != 0 or rows is None:
+            return
+        if call.step != d["proxy_first"] + len(rows):
+            d["proxy_broken"] = True
             return
         cur = [[r.detach().float() for r in rs] if rs is not None else None for rs in state]
-        prev = self.prev
+        prev = d["proxy_prev"]
         row = []
         for i, rs in enumerate(cur):
             if prev is None or rs is None or prev[i] is None:
                 row.append(None)
             else:
                 row.append(float(math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(rs, prev[i])))))
-        self.rows.append(row)
-        self.prev = cur
+        rows.append(row)
+        d["proxy_prev"] = cur
 
     def take(self) -> Optional[list]:
-        """Stop recording and return the table without using it (``profile()`` plans from its
-        own measurements)."""
-        rows = self.rows
-        self.rows, self.prev, self.active = None, None, False
-        return rows
-
-    def end(self) -> Optional[Profile]:
-        rows = self.take()
-        if rows is None or len(rows) < 2:
-            self.owner.use_plan()
+        """Stop the (single) active recording and return its table without using it
+        (``profile()`` plans from its own measurements)."""
+        if len(self.active) != 1:
             return None
-        return self.make_profile("residual", rows)
+        (session,) = self.active.values()
+        self.active.clear()
+        d = session.data
+        d["calibrating"] = False
+        rows = d.get("proxy_rows")
+        return None if d.get("proxy_broken") or d.get("proxy_first", 0) != 0 else rows
+
+    def end(self, session) -> Optional[Profile]:
+        d = session.data
+        rows, n, first = d.get("proxy_rows"), d.get("proxy_n"), d.get("proxy_first", 0)
+        if rows is None or d.get("proxy_broken") or len(rows) < 2:
+            return None
+        last = first + len(rows) - 1
+        if n is not None and last != n - 1 and not session.completed:
+            return None                         # stopped early: abandoned
+        n = n if n is not None else last + 1
+        width = len(rows[0])
+        table = [[None] * width] * first + rows + [[None] * width] * (n - 1 - last)
+        return self.make_profile("residual", table)
 
     def make_profile(self, method: str, per_step: list, seconds: float = 0.0, **extra) -> Profile:
         """A :class:`Profile` from ``per_step[step][span index]`` (spans = reusable units)."""
@@ -81,17 +98,13 @@ class ResidualProxy(Calibrator):
                        settings={"sizes": ug.sizes, "flops": {u: str(ug.costs[u].flops) for u in ug.units}}, **extra)
 
     def adopt(self, prof: Profile, source: str) -> None:
-        """Plan from ``prof`` without switching the runtime to the plan yet (``profile()``
-        keeps every graph computing until all are profiled)."""
-        self.owner.set_profile(prof, source, switch=False)
-        self.result, self.source = prof, source
+        """Use ``prof`` for every model at its step count (``profile()``)."""
+        self.store(prof, source, None)
 
     def read(self, path: str):
         return load_file(path)
 
-    def use(self, result, source: str) -> None:
-        if source == "calibrated":        # measured on this very graph: planned as it is
-            self.owner.set_profile(result, result.method)
-        else:
-            self.owner.use_file(result, source)
-        self.result, self.source = result, source
+    def use(self, result, source: str, model) -> None:
+        if source != "calibrated":        # (measured on this very graph: nothing to check)
+            self.owner.check_file(result, source)
+        self.store(result, source if source != "calibrated" else result.method, model)

@@ -1,14 +1,14 @@
 """The layered runtime: the plan's regions as guarded spans, host-decided per step.
 
-A :class:`~omnicompile.runtime.spans.SpanRuntime` whose schedule is the plan (one row per
-region that reuses at least once; regions that always compute stay in the main graph; one
-compiled variant per distinct step row).  It also runs the profiling modes: ``"compute"``
-(one span per reusable unit, all computed: the profile's reference generation and the proxy
-recording of ``calibrate="first"``) and ``("probe", span, step)`` (reuse one unit at one
+A :class:`~omnicompile.runtime.spans.SpanRuntime` whose schedule is a plan: one span per region
+that reuses at least once (regions that always compute stay in the main graph), one compiled
+variant per distinct step row.  Plans are kept per model and step count (the calibrator's
+results: a profile, planned with this config's target, or a schedule): a generation runs the
+plan for its model and step count, and a generation of a step count without one computes every
+step (the report says why).  A calibration generation (``calibrate="first"``) and the
+profiling modes run one span per reusable unit: ``mode="compute"`` (all computed: the
+profile's reference generation) and ``mode=("probe", span, step)`` (reuse one unit at one
 step: :func:`omnicompile.policies.layered.profiling.profile`, method ``final``).
-
-A plan is for one step count: a generation of another length (``num_steps`` or the previous
-generation's) computes every step and the report says why.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from omnicompile.errors import RewriteError, ScheduleError
 from omnicompile.graphs.plan import LayeredPlan
 from omnicompile.passes.common import Reason
 from omnicompile.passes.spans import Span
-from omnicompile.policies.layered.files import Profile, Schedule, dag_from_json, same_structure
+from omnicompile.policies.layered.files import Schedule, dag_from_json, same_structure
 from omnicompile.policies.layered.proxy import ResidualProxy
 from omnicompile.policies.layered.units import UnitGraph, analyze_units
 from omnicompile.runtime.spans import SpanRuntime
@@ -33,44 +33,40 @@ class LayeredRuntime(SpanRuntime):
     def __init__(self, ctx, policy):
         self.policy = policy
         self.config, self.report = ctx.config, ctx.report   # (read by the file checks, before Runtime.__init__)
-        self.spans: list = []            # chosen below, once the file (if any) is read
         self.ug: UnitGraph = analyze_units(ctx.gm, ctx.analysis)
         if not any(sp is not None for sp in self.ug.unit_spans.values()):
             first = self.ug.refused[0] if self.ug.refused else None
             raise RewriteError("no_reusable_unit", "layered: no unit can be reused on its own"
                                + (f" ({first})" if first else ""), first.subject if first else "")
-        self.plan: Optional[LayeredPlan] = None
-        self.profile: Optional[Profile] = None
-        #: where the plan came from: a file path, "residual" (calibrated on a generation), "profile"
-        self.source = ""
-        #: "plan" (follow the plan), "compute" (every unit computed: profiling baseline, proxy
-        #: recording) or ("probe", span index, step) (reuse one span at one step)
+        #: "plan" (follow the plans), "compute" (every unit computed: profiling baseline) or
+        #: ("probe", span index, step) (reuse one unit at one step)
         self.mode: Any = "plan"
-        self.span_rows: list[tuple] = []
+        self._plans: dict[int, tuple] = {}        # id(result) -> (result, plan, spans, rows)
         self.calibrator = ResidualProxy(self, ctx.config.calibrate)
         c = ctx.config
         if c.calibrate not in (None, "first"):
             self.calibrator.load(c.calibrate)
-        super().__init__(ctx, policy, self.spans_for_plan() if self.plan is not None else self.unit_spans())
+        first = self.calibrator.result
+        super().__init__(ctx, policy, self.plan_of(first)[2] if first is not None else self.unit_spans())
         for r in self.ug.refused:
             if r not in self.report.refused:
                 self.report.refused.append(r)
-        if self.plan is None and c.calibrate is None:
+        if first is None and c.calibrate is None:
             self.report.refused.append(Reason("not_calibrated", "calibrate=None and no profile given: every step is "
-                                              "computed until oc.calibrate(fn) or omnicompile.policies.layered.profile runs"))
+                                              "computed until oc.calibrate(fn) or "
+                                              "omnicompile.policies.layered.profile runs"))
 
     # ---------------------------------------------------------------- spans
     def unit_spans(self) -> list[Span]:
-        """One span per reusable unit (profiling)."""
+        """One span per reusable unit (profiling, calibration, no plan)."""
         ug = self.ug
-        self.span_rows = []
         return [ug.unit_spans[u] for u in ug.units if ug.unit_spans[u] is not None]
 
-    def spans_for_plan(self) -> list[Span]:
-        """One span per region of the plan that reuses at least once (regions that always
-        compute stay in the main graph); a region the rewrite refuses as a whole is split
-        into its units."""
-        ug, plan = self.ug, self.plan
+    def plan_spans(self, plan: LayeredPlan) -> tuple[list[Span], list[tuple]]:
+        """One span per region of ``plan`` that reuses at least once (regions that always
+        compute stay in the main graph), with its row; a region the rewrite refuses as a whole
+        is split into its units."""
+        ug = self.ug
         spans, rows = [], []
         for r in plan.regions:
             if not any(r.row) or not all(ug.dag.nodes[u]["cacheable"] for u in r.units):
@@ -83,28 +79,40 @@ class LayeredRuntime(SpanRuntime):
                 for u in r.units:
                     spans.append(ug.unit_spans[u])
                     rows.append(r.row)
-        self.span_rows = rows
+        return spans, rows
+
+    @property
+    def plan(self) -> Optional[LayeredPlan]:
+        """The plan of the most recent profile or schedule (None without one)."""
+        res = self.calibrator.result
+        return self.plan_of(res)[1] if res is not None else None
+
+    def plan_of(self, result) -> tuple:
+        """(result, plan, spans, rows) of a profile or schedule (planned once)."""
+        got = self._plans.get(id(result))
+        if got is None or got[0] is not result:
+            plan = result.plan(self.ug.dag) if isinstance(result, Schedule) else self.policy.plan(result, self.ug.dag)
+            if not plan.reached:
+                log.warning("omnicache layered: target speedup %.2fx is out of reach under cache_interval=%d; "
+                            "the plan reaches %.2fx", plan.target or self.config.target_speedup,
+                            self.config.cache_interval, plan.ideal_speedup)
+            spans, rows = self.plan_spans(plan)
+            got = self._plans[id(result)] = (result, plan, spans, rows)
+        return got
+
+    def spans_for(self, call) -> list:
+        data = call.session.data
+        res = None
+        if self.mode == "plan" and not self.calibrator.calibrating(call):
+            res = self.calibrator.lookup(call.model, call.num_steps)
+        if res is None:
+            data["rows"] = None
+            return self.unit_spans()
+        _, _, spans, rows = self.plan_of(res)
+        data["rows"] = rows
         return spans
 
-    def switch_spans(self, spans: list) -> None:
-        """Guard other spans (per unit for profiling, per region for the plan): the compiled
-        graphs and the caches are dropped, the schedule's variants compiled."""
-        if [s.name for s in spans] == [s.name for s in self.spans]:
-            return
-        self.set_spans(spans)
-        self.forget_graphs()
-        self.slots.clear()
-        self.build()
-
-    def use_plan(self) -> None:
-        self.mode = "plan"
-        self.switch_spans(self.spans_for_plan() if self.plan is not None else self.unit_spans())
-
-    def use_units(self, mode: Any = "compute") -> None:
-        self.mode = mode
-        self.switch_spans(self.unit_spans())
-
-    # ---------------------------------------------------------------- plans
+    # ---------------------------------------------------------------- files
     def check_file(self, obj, source: str = "") -> None:
         """Raise ScheduleError unless ``obj`` (a Profile or Schedule) was made for this graph."""
         ug, c = self.ug, self.config
@@ -118,72 +126,74 @@ class LayeredRuntime(SpanRuntime):
             raise ScheduleError(f"layered {kind} field 'num_steps': made for {obj.num_steps} steps, option "
                                 f"num_steps is {c.num_steps}")
 
-    def use_file(self, obj, source: str = "", switch: bool = True) -> None:
-        """Plan from a profile (this config's target) or take a schedule as it is."""
-        self.check_file(obj, source)
-        if isinstance(obj, Schedule):
-            self.set_plan(obj.plan(self.ug.dag), source, switch)
-        else:
-            self.set_profile(obj, source, switch)
-
-    def set_profile(self, prof: Profile, source: str, switch: bool = True) -> None:
-        self.profile = prof
-        self.set_plan(self.policy.plan(prof, self.ug.dag), source, switch)
-
-    def set_plan(self, plan: LayeredPlan, source: str = "", switch: bool = True) -> None:
-        self.plan = plan
-        self.source = source
-        if not plan.reached:
-            log.warning("omnicache layered: target speedup %.2fx is out of reach under cache_interval=%d; "
-                        "the plan reaches %.2fx", plan.target or self.config.target_speedup,
-                        self.config.cache_interval, plan.ideal_speedup)
-        if switch and self.spans:        # (during __init__ the spans are chosen afterwards)
-            self.use_plan()
-
     # ---------------------------------------------------------------- the schedule
-    def want(self, step, num_steps):
-        n = len(self.spans)
+    def want(self, step, num_steps, spans, call=None):
+        n = len(spans)
         mode = self.mode
         if isinstance(mode, tuple):
             _, k, t = mode
             return tuple(i == k and step == t for i in range(n))
-        if mode == "compute" or self.plan is None:
+        if mode == "compute":
             return (False,) * n
-        if num_steps is not None and num_steps != self.plan.steps:
-            return (False,) * n      # a plan is for one step count (the runtime reports it)
-        if not 0 <= step < self.plan.steps or len(self.span_rows) != n:
+        rows = call.session.data.get("rows") if call is not None else self._preview_rows(num_steps, spans)
+        if not rows or len(rows) != n or not 0 <= step < len(rows[0]):
             return (False,) * n
-        return tuple(row[step] for row in self.span_rows)
+        return tuple(row[step] for row in rows)
 
-    def variants(self):
-        n = len(self.spans)
-        if self.plan is None or len(self.span_rows) != n or self.mode != "plan":
-            return [(False,) * n]
-        seen: dict = {}
-        for t in range(self.plan.steps):
-            seen.setdefault(tuple(row[t] for row in self.span_rows), None)
-        return list(seen)
+    def _preview_rows(self, num_steps, spans):
+        res = self.calibrator.lookup(0, num_steps)
+        if res is None:
+            return None
+        _, _, pspans, rows = self.plan_of(res)
+        return rows if [s.name for s in pspans] == [s.name for s in spans] else None
+
+    def variants(self, spans):
+        n = len(spans)
+        for res, plan, pspans, rows in self._plans.values():
+            if [s.name for s in pspans] == [s.name for s in spans] and self.mode == "plan":
+                seen: dict = {}
+                for t in range(plan.steps):
+                    seen.setdefault(tuple(row[t] for row in rows), None)
+                return list(seen)
+        return [(False,) * n]
 
     # ---------------------------------------------------------------- calls
-    def advance(self, args):
-        call = super().advance(args)
-        plan, ns = self.plan, self.num_steps
-        if call.new and plan is not None and self.mode == "plan" and ns is not None and ns != plan.steps:
-            why = Reason("plan_steps_mismatch", f"the layered plan is for {plan.steps} steps, this generation "
-                         f"has {ns}: every step is computed")
+    def generation_started(self, call) -> None:
+        super().generation_started(call)
+        if self.mode != "plan" or self.calibrator.calibrating(call) or call.num_steps is None:
+            return
+        if self.calibrator.lookup(call.model, call.num_steps) is None and self.calibrator.results:
+            have = sorted({n for _, n in self.calibrator.results})
+            why = Reason("plan_steps_mismatch", f"the layered plans are for {', '.join(map(str, have))} steps, this "
+                         f"generation has {call.num_steps}: every step is computed")
             if why not in self.report.refused:
                 self.report.refused.append(why)
                 log.warning("omnicache: graph %d: %s", self.report.graph_id, why.message)
-        return call
+
+    def generation_plan(self, call) -> str:
+        if self.mode != "plan":
+            return f"profiling ({self.mode if isinstance(self.mode, str) else 'one unit at one step'})"
+        res, words = self.calibrator.for_generation(call, "profile")
+        if res is None:
+            return words
+        plan = self.plan_of(res)[1]
+        return (f"plan of {plan.steps} steps ({self.calibrator.source_of(call.model, plan.steps)}; ideal "
+                f"{plan.ideal_speedup:.2f}x, {len(plan.rows())} step rows)")
 
     def after_call(self, call, args, outs) -> None:
-        if self.calibrator.active:
-            self.calibrator.record(call.step, call.slot, args, outs, self.slots.get(0))
+        if self.calibrator.calibrating(call):
+            self.calibrator.record(call, args, outs, call.slots.get(0))
+
+    def preview_spans(self, steps: int) -> list:
+        res = self.calibrator.lookup(0, steps)
+        return self.plan_of(res)[2] if res is not None else self.unit_spans()
 
     def preview_note(self, steps):
-        if self.plan is None:
+        if self.calibrator.lookup(0, steps) is not None:
+            return None
+        have = sorted({n for _, n in self.calibrator.results})
+        if not have:
             return (f"policy {self.policy.name!r} has no plan yet: every step is computed until a profile runs "
                     "(option calibrate='first' profiles the first generation)")
-        if self.plan.steps != steps:
-            return f"the plan is for {self.plan.steps} steps: a generation of {steps} computes every step"
-        return None
+        return (f"the plans are for {', '.join(map(str, have))} steps: a generation of {steps} computes every step "
+                "(calibrate='first' profiles its first generation of that length)")

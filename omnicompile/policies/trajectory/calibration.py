@@ -174,37 +174,56 @@ class Recorder:
 
 
 class TrajectoryCalibrator(Calibrator):
-    """Runs a trajectory calibration on its runtime (``owner``): records slot 0 of each step,
-    counts the calls per step, and hands the result to ``owner.set_calibration``."""
+    """Runs trajectory calibrations on its runtime (``owner``), one per session: records slot
+    0 of each step, counts the calls per step, and keys the result by model and step count.
+
+    A model that serves only part of a generation's steps (Wan 2.2's two experts) calibrates
+    on its own steps: the others are ``None`` (never reused).  A calibration generation is
+    *abandoned* — dropped, recalibrated the next time — when its steps stop before the last
+    one of a known step count, unless its pipeline finished normally (the other expert took
+    over), or when a step of it was skipped."""
 
     kind = "trajectory calibration"
 
     def __init__(self, owner, mode):
         super().__init__(mode)
         self.owner = owner
-        self.recorder: Optional[Recorder] = None
-        self.slots_seen = 1
 
-    def begin(self) -> None:
-        self.recorder = Recorder()
-        self.slots_seen = 1
+    def begin(self, call) -> None:
+        call.session.data.update(recorder=Recorder(), first_step=call.step, next_step=call.step, slots_seen=1,
+                                 num_steps=call.num_steps, broken=False)
 
-    def record(self, step, slot, args, outputs, state) -> None:
-        self.slots_seen = max(self.slots_seen, slot + 1)
-        if slot == 0:
-            q = state.get("q")
-            self.recorder.step(args[self.owner.latent_index], outputs[self.owner.out_float[0]],
-                               q[0] if q else None)
+    def record(self, call, args, outputs, state) -> None:
+        d = call.session.data
+        d["slots_seen"] = max(d["slots_seen"], call.slot + 1)
+        if call.slot != 0:
+            return
+        if call.step != d["next_step"]:
+            d["broken"] = True
+            return
+        q = state.get("q")
+        d["recorder"].step(args[self.owner.latent_index], outputs[self.owner.out_float[0]], q[0] if q else None)
+        d["next_step"] += 1
 
-    def end(self) -> Optional[Calibration]:
-        rec, self.recorder = self.recorder, None
-        if rec is None or len(rec.norms) <= 1:
+    def end(self, session) -> Optional[Calibration]:
+        d = session.data
+        rec = d.get("recorder")
+        if rec is None or d.get("broken") or len(rec.norms) <= 1:
             return None
-        return rec.finish(self.owner.fingerprint, self.owner.latent_shape, self.slots_seen)
+        first, last, n = d["first_step"], d["next_step"] - 1, d.get("num_steps")
+        if n is not None and last != n - 1 and not session.completed:
+            return None                         # stopped early: abandoned
+        n = n if n is not None else last + 1
+        cal = rec.finish(self.owner.fingerprint, self.owner.latent_shape, d["slots_seen"])
+        pad = ([None] * first, [None] * (n - 1 - last))
+        for name in ("angle", "output", "gamma", "q_norm"):
+            setattr(cal, name, pad[0] + list(getattr(cal, name)) + pad[1])
+        cal.num_steps = n
+        return cal
 
     def read(self, path: str) -> Calibration:
         return Calibration.load(path)
 
-    def use(self, result: Calibration, source: str) -> None:
-        self.owner.set_calibration(result)
-        self.result, self.source = result, source
+    def use(self, result: Calibration, source: str, model) -> None:
+        self.owner.check_calibration(result)
+        self.store(result, source, model)

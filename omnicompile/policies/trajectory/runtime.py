@@ -8,7 +8,6 @@ noise ``q`` a reuse would have made: before a run of reuses and while calibratin
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -18,7 +17,7 @@ from omnicompile.passes.rewrite import build_variant
 from omnicompile.policies.trajectory.calibration import Calibration, TrajectoryCalibrator, graph_fingerprint
 from omnicompile.errors import CalibrationError
 from omnicompile.preview import Preview
-from omnicompile.runtime.base import Runtime, call_compiled
+from omnicompile.runtime.base import Runtime
 
 log = logging.getLogger("omnicompile")
 
@@ -35,10 +34,8 @@ class TrajectoryRuntime(Runtime):
         self.out_float = float_outputs(gm)
         self.latent_index = self._find_latent(gm, ctx.analysis)
         self.latent_shape = list(self.example_inputs[self.latent_index].shape)
-        #: the reuse steps of the calibration in use, and its per-step noise ratios
-        self.schedule: list[int] = []
-        self.gammas: list[float] = []
         self.calibrator = TrajectoryCalibrator(self, config.calibrate)
+        self._derived: dict[int, tuple] = {}       # id(calibration) -> (calibration, schedule, gammas)
         self.gamma = torch.ones((), device=self.device)
         if isinstance(config.calibrate, str) and config.calibrate != "first":
             self.calibrator.load(config.calibrate)
@@ -95,34 +92,63 @@ class TrajectoryRuntime(Runtime):
         return max(cands, key=lambda i: self.example_inputs[i].numel())
 
     # ---------------------------------------------------------------- calibration
-    @property
-    def calibration(self) -> Optional[Calibration]:
-        """The calibration in use (None before one ran or was loaded)."""
-        return self.calibrator.result
-
-    def set_calibration(self, cal: Calibration) -> None:
-        """Check ``cal`` against this graph and derive the schedule from it."""
+    def check_calibration(self, cal: Calibration) -> None:
+        """Raise CalibrationError unless ``cal`` was made for this graph."""
         cal.check_matches(self.fingerprint, self.latent_shape, cal.slots)
         if self.config.num_steps is not None and self.config.num_steps != cal.num_steps:
             raise CalibrationError(f"calibration field 'num_steps': calibrated for {cal.num_steps} steps, "
                                    f"option num_steps is {self.config.num_steps}")
-        self.schedule, why = self.policy.schedule(cal)
-        self.gammas = cal.gammas()
-        if why is not None and why not in self.report.refused:
-            self.report.refused.append(why)
+
+    def schedule_of(self, cal: Calibration) -> tuple[list[int], list[float]]:
+        """The reuse steps and the per-step noise ratios of a calibration (derived once)."""
+        got = self._derived.get(id(cal))
+        if got is None or got[0] is not cal:
+            schedule, why = self.policy.schedule(cal)
+            got = self._derived[id(cal)] = (cal, schedule, cal.gammas())
+            if why is not None and why not in self.report.refused:
+                self.report.refused.append(why)
+        return got[1], got[2]
+
+    @property
+    def schedule(self) -> list[int]:
+        """The reuse steps of the most recent calibration ([] without one)."""
+        cal = self.calibrator.result
+        return self.schedule_of(cal)[0] if cal is not None else []
+
+    @property
+    def gammas(self) -> list[float]:
+        """The noise ratios of the most recent calibration; assigning overrides them (tests)."""
+        cal = self.calibrator.result
+        return self.schedule_of(cal)[1] if cal is not None else []
+
+    @gammas.setter
+    def gammas(self, values) -> None:
+        cal = self.calibrator.result
+        if cal is None:
+            raise CalibrationError("no calibration to override the noise ratios of")
+        schedule = self.schedule_of(cal)[0]
+        self._derived[id(cal)] = (cal, schedule, list(values))
+
+    def generation_plan(self, call) -> str:
+        cal, words = self.calibrator.for_generation(call, "calibration")
+        if cal is None:
+            return words
+        return (f"calibration of {cal.num_steps} steps ({self.calibrator.source_of(call.model, cal.num_steps)}), "
+                f"reuse steps {self.schedule_of(cal)[0]}")
 
     # ---------------------------------------------------------------- call
     def __call__(self, *args):
         call = self.advance(args)
         step = call.step
-        calibrating = self.calibrator.active
-        st = self.slots.setdefault(call.slot, {})
-        cal = self.calibration
-        scheduled = not calibrating and cal is not None and step in self.schedule
+        calibrating = self.calibrator.calibrating(call)
+        st = call.slots.setdefault(call.slot, {})
+        cal = None if calibrating else self.calibrator.lookup(call.model, call.num_steps)
+        schedule, gammas = self.schedule_of(cal) if cal is not None else ((), ())
+        scheduled = cal is not None and step in schedule and call.certain
         reuse = scheduled and "res" in st and step < cal.num_steps
         forced = [s.name for s in self.spans] if scheduled and not reuse else []
         measure = "res" in st and (calibrating or (self.config.correction and not reuse
-                                                   and cal is not None and step + 1 in self.schedule))
+                                                   and cal is not None and step + 1 in schedule))
         coef = None
         if reuse:
             if self._fn_corrected is not None and "q" in st:
@@ -133,19 +159,19 @@ class TrajectoryRuntime(Runtime):
                 if mode == "scaled":
                     # q was measured with a residual d steps stale; this reuse's is k steps stale:
                     # the noise grows about linearly with the staleness
-                    st["coef"] = self.gammas[step - k + 1] * k / st.get("d", 1)
+                    st["coef"] = gammas[step - k + 1] * k / st.get("d", 1)
                 elif k == 1 or mode == "chain":
-                    st["prod"] = st.get("prod", 1.0) * self.gammas[step]
+                    st["prod"] = st.get("prod", 1.0) * gammas[step]
                     st["coef"] = st.get("coef", 0.0) + st["prod"]
                 elif mode == "first":
                     st["coef"] = 0.0
                 coef = st["coef"]           # mode "hold": the first step's coefficient
                 self.gamma.fill_(coef)
-                outs = call_compiled(self._fn_corrected, list(args) + st["res"] + [self.gamma] + st["q"])
+                outs = self.invoke(call, self._fn_corrected, list(args) + st["res"] + [self.gamma] + st["q"])
             else:
-                outs = call_compiled(self._fn_reuse, list(args) + st["res"])
+                outs = self.invoke(call, self._fn_reuse, list(args) + st["res"])
         elif measure:
-            outs = call_compiled(self._fn_measure, list(args) + st["res"])
+            outs = self.invoke(call, self._fn_measure, list(args) + st["res"])
             k = self.n_out + sum(self.counts)
             # state goes back into graphs compiled for contiguous examples (Inductor asserts strides)
             st["res"] = [r.contiguous() for r in outs[self.n_out:k]]
@@ -155,32 +181,29 @@ class TrajectoryRuntime(Runtime):
             st["d"] = max(1, step - st.get("res_step", step - 1))
             st["res_step"] = step
         else:
-            outs = call_compiled(self._fn_compute, list(args))
+            outs = self.invoke(call, self._fn_compute, list(args))
             st["res"] = [r.contiguous() for r in outs[self.n_out:]]
             st.pop("q", None)
             st["prod"], st["coef"], st["k"] = 1.0, 0.0, 0
             st["res_step"] = step
         if calibrating:
-            self.calibrator.record(step, call.slot, args, outs, st)
+            self.calibrator.record(call, args, outs, st)
         self.record(call, {sp.name: ("reused" if reuse else "computed") for sp in self.spans},
                     sum(sp.flops for sp in self.spans) if reuse else 0, forced,
                     {"gamma": coef} if coef is not None else {})
         return tuple(outs[:self.n_out])
 
     def preview(self, steps: int) -> Preview:
-        cal = self.calibration
+        cal = self.calibrator.lookup(0, steps)
         if cal is None:
+            have = sorted({n for _, n in self.calibrator.results})
+            why = (f"calibrated for {', '.join(map(str, have))} steps only" if have else "not calibrated yet")
             return Preview.computed(steps, self.spans, self.report.flops_per_call,
-                                    f"policy {self.policy.name!r} is not calibrated yet: every step is computed "
-                                    "until a calibration runs (option calibrate='first' calibrates on the first "
-                                    "generation)")
-        note = None
-        if cal.num_steps != steps:
-            note = f"the calibration is for {cal.num_steps} steps; its schedule is shown over {steps}"
-        schedule = set(self.schedule)
-        rows = []
-        for step in range(steps):
-            rows.append(["reused" if step in schedule and step > 0 else
-                         ("forced" if step in schedule else "computed")] * len(self.spans))
+                                    f"policy {self.policy.name!r} is {why}: a generation of {steps} steps computes "
+                                    "every step until it is calibrated on that step count (calibrate='first' "
+                                    "calibrates on its first generation)")
+        schedule = set(self.schedule_of(cal)[0])
+        rows = [["reused" if step in schedule and step > 0 else ("forced" if step in schedule else "computed")]
+                * len(self.spans) for step in range(steps)]
         return Preview(steps, [s.name for s in self.spans], [s.flops for s in self.spans],
-                       self.report.flops_per_call, rows, note)
+                       self.report.flops_per_call, rows)

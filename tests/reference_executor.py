@@ -1,0 +1,140 @@
+"""A plain-PyTorch reference executing the decisions a report says were taken (test helper).
+
+:class:`Recorder` is a ``torch.compile`` backend wrapping an :class:`omnicompile.OmniCache`: it
+keeps, per compiled graph, Dynamo's graph, the runtime, and the inputs and outputs of every
+call.  :func:`replay` then runs each call again with ``torch.fx.Interpreter`` on Dynamo's
+*original* graph — not on any graph omnicompile built — applying the step record's decision for
+each span with the textbook semantics of the residual cache:
+
+* computed: the span's nodes run; the cache of (model, generation, CFG slot, span) becomes
+  ``out - in`` of each live stream;
+* reused: the span's nodes are skipped (those it must keep run); each stream output is
+  ``in + cache``, the cache of the *same* model, generation and slot — a reuse with no such
+  cache is an error of the runtime.
+
+Every call's outputs must equal the recorded ones: a runtime that reuses another model's,
+generation's or slot's residual, or runs a decision other than the one it reports, fails.
+Covers the host-decided policies (``static``, ``layered``, plugins); the trajectory's correction
+and the probe's alignment have references of their own.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from omnicompile.passes.common import is_param_placeholder
+
+__all__ = ["Recorder", "GraphCalls", "replay", "replay_all"]
+
+
+@dataclasses.dataclass
+class GraphCalls:
+    gm: fx.GraphModule
+    runtime: Any          # None when the graph was compiled unchanged
+    report: Any
+    calls: list = dataclasses.field(default_factory=list)      # [(args, outputs)]
+
+
+class Recorder:
+    """``torch.compile(model, backend=Recorder(oc))``: records every graph's calls."""
+
+    def __init__(self, oc):
+        self.oc = oc
+        self.graphs: list[GraphCalls] = []
+        self.__name__ = "omnicache_recorder"
+
+    def __call__(self, gm, example_inputs):
+        fn = self.oc(gm, example_inputs)
+        compiled = self.oc.graphs[-1]
+        rec = GraphCalls(gm, compiled.runtime, compiled.report)
+        self.graphs.append(rec)
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        params = {i for i, n in enumerate(phs) if is_param_placeholder(n)}
+
+        def run(*args):
+            out = fn(*args)
+            kept = [a if i in params or not isinstance(a, torch.Tensor) else a.detach().clone()
+                    for i, a in enumerate(args)]
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            rec.calls.append((kept, [o.detach().clone() if isinstance(o, torch.Tensor) else o for o in outs]))
+            return out
+        return run
+
+
+def replay(rec: GraphCalls, atol: float = 1e-5, rtol: float = 1e-5) -> dict:
+    """Re-run every recorded call of one graph with the reference; returns counts
+    ``{"calls", "reused", "computed"}``.  Raises AssertionError on the first mismatch."""
+    assert rec.runtime is not None, "the graph was compiled unchanged: nothing to replay"
+    rec.runtime.flush()
+    steps = rec.report.steps
+    assert len(steps) == len(rec.calls), f"{len(rec.calls)} calls but {len(steps)} step records"
+    spans = {s.name: s for s in rec.runtime.known_spans()}
+    cache: dict = {}
+    counts = {"calls": 0, "reused": 0, "computed": 0}
+    for (args, outs), step in zip(rec.calls, steps):
+        key = (step.model, step.generation, step.slot)
+        decided = [(spans[name], d) for name, d in step.decisions.items()]
+        want = _Reference(rec.gm, decided, cache.setdefault(key, {}), key).run(*args)
+        want = want if isinstance(want, (tuple, list)) else (want,)
+        assert len(want) == len(outs)
+        for i, (w, o) in enumerate(zip(want, outs)):
+            if isinstance(w, torch.Tensor):
+                where = f"call {counts['calls']} (model, generation, slot {key}, step {step.step}, {step.decisions})"
+                torch.testing.assert_close(o, w, atol=atol, rtol=rtol, msg=lambda m: f"{where}, output {i}: {m}")
+        counts["calls"] += 1
+        counts["reused"] += sum(d == "reused" for d in step.decisions.values())
+        counts["computed"] += sum(d == "computed" for d in step.decisions.values())
+    return counts
+
+
+def replay_all(recorder: Recorder, **kw) -> dict:
+    """:func:`replay` every cached graph of a recorder; summed counts (graphs compiled unchanged
+    are skipped and counted in ``"unchanged"``)."""
+    total = {"calls": 0, "reused": 0, "computed": 0, "unchanged": 0, "graphs": 0}
+    for rec in recorder.graphs:
+        if rec.runtime is None:
+            total["unchanged"] += 1
+            continue
+        total["graphs"] += 1
+        for k, v in replay(rec, **kw).items():
+            total[k] += v
+    return total
+
+
+class _Reference(fx.Interpreter):
+    def __init__(self, gm, decided: dict, cache: dict, key):
+        super().__init__(gm, garbage_collect_values=False)
+        self.cache, self.key = cache, key
+        self.skip: set = set()
+        self.reuse_at: dict = {}       # node -> [(stream output, stream input, residual)]
+        self.store_at: dict = {}       # stream output node -> (span name, index, count, stream input)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for sp, d in decided:
+            live = sp.live_streams
+            if d == "reused":
+                if sp.name not in cache:
+                    raise AssertionError(f"{key}: span {sp.name} reused without a cache of its own model, "
+                                         "generation and slot")
+                keep = set(sp.keep)
+                self.skip |= {n for n in sp.nodes if n not in keep}
+                last = max(sp.nodes, key=lambda n: order[n])
+                self.reuse_at.setdefault(last, []).extend(
+                    (s.output, s.input, r) for s, r in zip(live, cache[sp.name]))
+            else:
+                cache.pop(sp.name, None)
+                for i, s in enumerate(live):
+                    self.store_at[s.output] = (sp.name, i, len(live), s.input)
+
+    def run_node(self, n):
+        out = None if n in self.skip else super().run_node(n)
+        for o, x, r in self.reuse_at.get(n, []):
+            self.env[o] = self.env[x] + r
+            if o is n:
+                out = self.env[o]
+        if n in self.store_at:
+            name, i, count, x = self.store_at[n]
+            self.cache.setdefault(name, [None] * count)[i] = out - self.env[x]
+        return out
