@@ -63,18 +63,21 @@ def _val(x):
 
 
 def _shape(x) -> Optional[list[int]]:
+    """Concrete sizes; a symbolic size gives its hint (the size it was traced at).  Never
+    ``int()`` a symbolic size: that would add a guard to Dynamo's shape environment and
+    specialise the compiled graph to the traced size."""
     v = _val(x)
     if isinstance(v, torch.Tensor):
-        try:
-            return [int(d) for d in v.shape]
-        except Exception:  # symbolic sizes: use their hints where available
-            out = []
-            for d in v.shape:
-                hint = getattr(getattr(d, "node", None), "hint", None)
-                if hint is None:
-                    return None
-                out.append(int(hint))
-            return out
+        out = []
+        for d in v.shape:
+            if isinstance(d, int):
+                out.append(d)
+                continue
+            hint = getattr(getattr(d, "node", None), "hint", None)
+            if hint is None:
+                return None
+            out.append(int(hint))
+        return out
     return None
 
 
@@ -460,10 +463,9 @@ def graph_size_symbols(gm, is_param: Callable) -> SizeSymbols:
         ev = n.meta.get("example_value")
         if not isinstance(ev, torch.Tensor):
             continue
-        try:
-            shape = tuple(int(d) for d in ev.shape)
-        except TypeError:          # symbolic sizes
-            continue
+        if not all(isinstance(d, int) for d in ev.shape):
+            continue               # symbolic sizes (int() of one would guard: specialise the graph)
+        shape = tuple(ev.shape)
         if is_param(n):
             model_dims |= set(shape)
         else:

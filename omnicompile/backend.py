@@ -41,7 +41,7 @@ from omnicompile.passes.common import Reason
 from omnicompile.passes.spans import find_spans
 from omnicompile.registry import make_policy, policy_class
 from omnicompile.report import GraphReport, Report
-from omnicompile.runtime.base import Runtime, RuntimeContext, span_reports
+from omnicompile.runtime.base import Runtime, RuntimeContext, note_reached, span_reports
 
 log = logging.getLogger("omnicompile")
 
@@ -110,7 +110,7 @@ class OmniCache:
     def report(self) -> Report:
         for rt in self.runtimes:
             rt.flush()
-        return Report([g.report for g in self._graphs])
+        return Report([g.report for g in self._graphs], warnings=[RECOMPILE_HINT] if recompile_limit_hit() else [])
 
     def reset(self) -> None:
         """Forget every cache and step counter (the next call starts a new generation)."""
@@ -180,7 +180,7 @@ class OmniCache:
                 log.warning("omnicache: graph %d compiled without caching: %s", report.graph_id, built)
             self._graphs.append(CompiledGraph(report, None))
             self._write_dump(cfg, gm, report, None, found)
-            return inner(gm, example_inputs)
+            return _reaching(inner(gm, example_inputs))
         report.cached = True
         if self._calibrating and built.calibrator is not None:
             built.calibrator.request()
@@ -235,6 +235,26 @@ class OmniCache:
         from omnicompile.dump import write_graph_dump
         write_graph_dump(cfg.dump_dir, report.graph_id, gm, report, rt, config=cfg, blocks=found.get("blocks"),
                          analysis=found.get("analysis"), strict=cfg.strict)
+
+
+def _reaching(fn: Callable) -> Callable:
+    """A graph compiled unchanged, telling compile_pipeline that its model call reached omnicache."""
+    def run(*args):
+        note_reached()
+        return fn(*args)
+    return run
+
+
+def recompile_limit_hit() -> bool:
+    """Whether Dynamo reported hitting its recompile limit in this process (later calls of that
+    code with new guards run without compiling: they never reach omnicache)."""
+    from torch._dynamo.utils import counters
+    return any(str(k).startswith("Dynamo recompile limit exceeded") for k in counters.get("unimplemented", {}))
+
+
+RECOMPILE_HINT = ("Dynamo hit torch._dynamo.config.recompile_limit: calls with new shapes (or other new guards) "
+                  "now run eagerly, without omnicache; raise the limit (torch._dynamo.config.recompile_limit = 32) "
+                  "or keep shapes in few buckets")
 
 
 def decisive_reason(blocks, analysis) -> Reason:
@@ -298,4 +318,5 @@ def omnicache_backend(gm: fx.GraphModule, example_inputs: list, options: Optiona
 def last_report() -> Report:
     """The report of the graphs compiled through ``backend="omnicache"`` (the most recently
     used options last)."""
-    return Report([g for oc in _string_instances.values() for g in oc.report().graphs])
+    return Report([g for oc in _string_instances.values() for g in oc.report().graphs],
+                  warnings=[RECOMPILE_HINT] if recompile_limit_hit() else [])

@@ -6,7 +6,9 @@ A runtime with something to calibrate holds a :class:`Calibrator` as ``runtime.c
 (``None`` otherwise).  Results are kept **per model and per step count**: a calibration made
 on 20 steps is never applied to a generation of 28, and two models sharing a graph each
 calibrate on their own generations.  A result loaded from a file applies to every model
-(``model=None``) at its own step count.
+(``model=None``) at its own step count.  A policy whose results depend on more (the trajectory
+calibration on the latent's shape: a graph with symbolic sizes serves several) keys them by a
+*variant* too (:meth:`Calibrator.variant`).
 
 The base class is the state machine; a policy implements how to start, record, end, read and
 use its own result:
@@ -67,32 +69,51 @@ class Calibrator(abc.ABC):
     def source(self) -> str:
         return self.sources.get(self._latest, "") if self._latest is not None else ""
 
-    def lookup(self, model: int, num_steps: Optional[int]) -> Any:
+    def variant(self, call) -> Any:
+        """What else a result depends on, from the call (the trajectory calibration: the latent's
+        shape — a graph with symbolic sizes serves several); None when nothing."""
+        return None
+
+    def lookup(self, model: int, num_steps: Optional[int], variant: Any = None) -> Any:
         """The result for a generation of ``model`` with ``num_steps`` steps (None when the step
         count is unknown: no result is applied to a generation of unknown length)."""
         if num_steps is None:
             return None
-        r = self.results.get((model, num_steps))
-        return r if r is not None else self.results.get((None, num_steps))
+        r = self.results.get((model, num_steps, variant))
+        return r if r is not None else self.results.get((None, num_steps, variant))
 
-    def source_of(self, model: int, num_steps: Optional[int]) -> str:
+    def for_steps(self, num_steps: int) -> Any:
+        """A result for ``num_steps`` steps, of any model and variant (model 0 or every model
+        first): what previews show."""
+        keys = sorted((k for k in self.results if k[1] == num_steps), key=lambda k: (k[0] not in (0, None), str(k)))
+        return self.results[keys[0]] if keys else None
+
+    def step_counts(self) -> list[int]:
+        """The step counts results exist for."""
+        return sorted({k[1] for k in self.results})
+
+    def lookup_call(self, call) -> Any:
+        return self.lookup(call.model, call.num_steps, self.variant(call))
+
+    def source_of(self, model: int, num_steps: Optional[int], variant: Any = None) -> str:
         """Where the result :meth:`lookup` gives came from."""
-        key = (model, num_steps) if (model, num_steps) in self.results else (None, num_steps)
-        return self.sources.get(key, "")
+        key = (model, num_steps, variant)
+        return self.sources.get(key if key in self.results else (None, num_steps, variant), "")
 
     def for_generation(self, call, noun: str) -> tuple[Any, str]:
         """(the result the generation of ``call`` runs by, or None and the words for the report:
         a calibration generation, or no ``noun`` for its step count)."""
         if self.calibrating(call):
             return None, f"calibration generation (every step computed and measured for the {noun})"
-        res = self.lookup(call.model, call.num_steps)
+        res = self.lookup_call(call)
         if res is None:
             n = "an unknown number of" if call.num_steps is None else str(call.num_steps)
-            return None, f"no {noun} for {n} steps: every step computed"
+            v = self.variant(call)
+            return None, f"no {noun} for {n} steps{f' at {list(v)}' if v is not None else ''}: every step computed"
         return res, ""
 
-    def store(self, result: Any, source: str, model: Optional[int]) -> None:
-        key = (model, result.num_steps)
+    def store(self, result: Any, source: str, model: Optional[int], variant: Any = None) -> None:
+        key = (model, result.num_steps, variant)
         self.results[key] = result
         self.sources[key] = source
         self._latest = key
@@ -105,7 +126,7 @@ class Calibrator(abc.ABC):
     def auto(self, call) -> bool:
         """Whether a generation calibrates without being asked: ``calibrate="first"`` and no
         result for its model and step count."""
-        return self.mode == "first" and self.lookup(call.model, call.num_steps) is None
+        return self.mode == "first" and self.lookup_call(call) is None
 
     def generation_started(self, call) -> bool:
         """A session begins a generation: returns True when it is a calibration generation."""
@@ -174,4 +195,4 @@ class Calibrator(abc.ABC):
     @abc.abstractmethod
     def use(self, result: Any, source: str, model: Optional[int]) -> None:
         """Check that ``result`` fits this graph (CalibrationError if not) and :meth:`store` it
-        for ``model`` (None: every model)."""
+        for ``model`` (None: every model) and its variant."""

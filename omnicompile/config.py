@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from typing import Any, Optional
 
@@ -140,7 +141,7 @@ class OmniCacheConfig:
                 raise ConfigError("num_steps", self.num_steps, "must be a positive integer or None")
         if self.reuse_steps is not None:
             rs = self.reuse_steps
-            if isinstance(rs, (str, bytes)) or not hasattr(rs, "__iter__"):
+            if isinstance(rs, (str, bytes, dict)) or not hasattr(rs, "__iter__"):
                 raise ConfigError("reuse_steps", rs, "must be a list of non-negative step indices or None")
             items = list(rs)
             for s in items:
@@ -182,7 +183,7 @@ class OmniCacheConfig:
             raise ConfigError("align", self.align, "must be True or False")
         clip = self.align_clip
         if (isinstance(clip, (str, bytes)) or not hasattr(clip, "__len__") or len(clip) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clip)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in clip)
                 or not 0 <= clip[0] <= clip[1]):
             raise ConfigError("align_clip", clip, "must be two numbers lo <= hi, lo >= 0 (DiCache: [1, 1.5])")
         object.__setattr__(self, "align_clip", (float(clip[0]), float(clip[1])))
@@ -201,6 +202,8 @@ class OmniCacheConfig:
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if self.dump_dir is not None:
             _check_type("dump_dir", self.dump_dir, (str, os.PathLike))
+            if not os.fspath(self.dump_dir).strip():
+                raise ConfigError("dump_dir", self.dump_dir, "must be a folder path or None, not empty")
         cls = POLICIES[self.policy]
         if self.guard != "auto" and self.guard not in cls.guards:
             raise ConfigError("guard", self.guard, f"policy {self.policy!r} runs under guard "
@@ -256,6 +259,8 @@ def _check_type(name: str, value, types) -> None:
 def _check_number(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(name, value, "must be a number")
+    if not math.isfinite(value):
+        raise ConfigError(name, value, "must be a finite number")
     bad = ((lo is not None and (value < lo or (lo_open and value == lo)))
            or (hi is not None and (value > hi or (hi_open and value == hi))))
     if bad:

@@ -239,7 +239,7 @@ class MergedCallable:
             tc["merged_calls"] += 1
             tc["flops_saved"] += self.saved
         n = len(self.keys)
-        state.store(self.keys, outs[len(outs) - n:])
+        state.store(self.keys, [t.contiguous() for t in outs[len(outs) - n:]])   # the merged graph's layout
         if self.marks:
             state.store(self.marks, [_MARK] * len(self.marks))
         return outs[:len(outs) - n]

@@ -18,14 +18,18 @@ passed in; the pipeline object is changed in place (its class becomes a subclass
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence
 
 import torch
 
-from omnicompile.backend import OmniCache
+from omnicompile.backend import RECOMPILE_HINT, OmniCache, recompile_limit_hit
 from omnicompile.errors import ConfigError
 from omnicompile.generation import generation
 from omnicompile.report import Report
+from omnicompile.runtime.base import model_call
+
+log = logging.getLogger("omnicompile")
 
 __all__ = ["compile_pipeline", "PipelineCache", "denoisers_of"]
 
@@ -50,10 +54,37 @@ class PipelineCache:
         self.originals = originals
         self.calls = 0
         self.interrupted = 0
+        #: per denoiser: its calls, and those that reached no omnicache graph (Dynamo ran them
+        #: without compiling: past its recompile limit, or a frame it skips)
+        self.model_calls: dict[str, int] = {n: 0 for n in backends}
+        self.bypassed: dict[str, int] = {n: 0 for n in backends}
+        self._warned = False
 
     def report(self) -> Report:
-        """Every compiled graph of every denoiser, in the order of ``backends``."""
-        return Report([g for oc in self.backends.values() for g in oc.report().graphs])
+        """Every compiled graph of every denoiser, in the order of ``backends``; the calls that
+        reached no graph, and why, as warnings."""
+        graphs = [g for oc in self.backends.values() for g in oc.report().graphs]
+        warnings = [RECOMPILE_HINT] if recompile_limit_hit() else []
+        bypassed = sum(self.bypassed.values())
+        if bypassed:
+            warnings.append(f"{bypassed} of {sum(self.model_calls.values())} denoiser calls reached no omnicache "
+                            f"graph ({', '.join(f'{n}: {k}' for n, k in self.bypassed.items() if k)})")
+        return Report(graphs, warnings, bypassed)
+
+    def counted(self, name: str, forward):
+        """``forward`` of a compiled denoiser, counting its calls and those that reach no graph."""
+        def run(*args, **kwargs):
+            with model_call() as reached:
+                out = forward(*args, **kwargs)
+            self.model_calls[name] += 1
+            if not reached:
+                self.bypassed[name] += 1
+                if not self._warned:
+                    self._warned = True
+                    log.warning("omnicache: a call of %s reached no omnicache graph (Dynamo ran it without "
+                                "compiling). %s", name, RECOMPILE_HINT if recompile_limit_hit() else "")
+            return out
+        return run
 
     def reset(self) -> None:
         for oc in self.backends.values():
@@ -116,10 +147,12 @@ def compile_pipeline(pipe: Any, policy: Optional[str] = None, *, denoisers: Opti
         if not isinstance(module, torch.nn.Module):
             raise ConfigError("denoisers", name, f"{type(pipe).__name__}.{name} is not a torch module")
         originals[name] = module
-        oc = OmniCache(options)
-        backends[name] = oc
-        setattr(pipe, name, torch.compile(module, backend=oc, fullgraph=fullgraph, dynamic=dynamic))
+        backends[name] = OmniCache(options)
     cache = PipelineCache(pipe, backends, originals)
+    for name, oc in backends.items():
+        compiled = torch.compile(originals[name], backend=oc, fullgraph=fullgraph, dynamic=dynamic)
+        compiled.forward = cache.counted(name, compiled.forward)
+        setattr(pipe, name, compiled)
     pipe.__class__ = _cached_class(type(pipe))
     pipe.omnicache = cache
     return cache

@@ -109,6 +109,10 @@ class GraphReport:
     token_cache: dict = dataclasses.field(default_factory=dict)
     #: models seen by this graph (instances of one class share it, with separate caches)
     models: int = 0
+    #: rewritten graphs the runtime compiled (variants, cond, measure, ...) and the seconds the
+    #: inner backend took for them (the first compile of a graph warms Inductor's caches)
+    compiled_graphs: int = 0
+    compile_seconds: float = 0.0
     #: the generations, most recent last (at most MAX_GENERATIONS kept)
     generation_log: list[GenerationRecord] = dataclasses.field(default_factory=list)
 
@@ -208,6 +212,7 @@ class GraphReport:
                 "flops_per_call": self.flops_per_call, "flops_saved": self.flops_saved,
                 "flops_saved_fraction": self.flops_saved_fraction, "cache_bytes": self.cache_bytes,
                 "models": self.models, "uncertain_calls": self.uncertain_calls,
+                "compiled_graphs": self.compiled_graphs, "compile_seconds": self.compile_seconds,
                 "fallback": self.fallback.to_dict() if self.fallback else None}
 
     # ------------------------------------------------------------------ export
@@ -310,6 +315,11 @@ class GraphReport:
 @dataclasses.dataclass
 class Report:
     graphs: list[GraphReport]
+    #: what the user should know beyond the graphs (Dynamo's recompile limit hit, ...)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    #: model calls that reached no omnicache graph (compile_pipeline counts them: Dynamo ran them
+    #: without compiling, e.g. past its recompile limit)
+    bypassed_calls: int = 0
 
     @property
     def flops_saved_fraction(self) -> float:
@@ -340,7 +350,7 @@ class Report:
 
     def summary(self) -> dict:
         return {"graphs": len(self.graphs), "cached_graphs": sum(g.cached for g in self.graphs),
-                "calls": self.calls, "hit_rate": self.hit_rate, "flops_saved": self.flops_saved,
+                "bypassed_calls": self.bypassed_calls, "warnings": list(self.warnings), "calls": self.calls, "hit_rate": self.hit_rate, "flops_saved": self.flops_saved,
                 "flops_saved_fraction": self.flops_saved_fraction, "cache_bytes": self.cache_bytes}
 
     # ------------------------------------------------------------------ export
@@ -353,7 +363,9 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
-        return cls([GraphReport.from_dict(g) for g in d.get("graphs", [])])
+        summary = d.get("summary", {})
+        return cls([GraphReport.from_dict(g) for g in d.get("graphs", [])], list(summary.get("warnings", [])),
+                   int(summary.get("bypassed_calls", 0)))
 
     @classmethod
     def from_json(cls, text: str) -> "Report":
@@ -363,9 +375,14 @@ class Report:
         """A summary table of every graph, then one section per graph."""
         if not self.graphs:
             return "# omnicache report\n\nno graph compiled yet\n"
-        lines = ["# omnicache report", "",
-                 "| graph | nodes | status | policy | calls | hit rate | FLOPs saved | cache held |",
-                 "|---:|---:|---|---|---:|---:|---:|---:|"]
+        lines = ["# omnicache report", ""] + [f"> warning: {_md(w)}" for w in self.warnings]
+        if self.bypassed_calls:
+            lines.append(f"> warning: {self.bypassed_calls} model call(s) reached no omnicache graph (run eagerly by "
+                         "Dynamo)")
+        if len(lines) > 2:
+            lines.append("")
+        lines += ["| graph | nodes | status | policy | calls | hit rate | FLOPs saved | cache held |",
+                  "|---:|---:|---|---|---:|---:|---:|---:|"]
         for g in self.graphs:
             status = f"cached ({g.guard})" if g.cached else \
                 f"unchanged: `{(g.fallback or Reason('unchanged', '')).code}`"
@@ -381,7 +398,9 @@ class Report:
     def __str__(self) -> str:
         if not self.graphs:
             return "omnicache report: no graph compiled yet"
-        lines = []
+        lines = [f"warning: {w}" for w in self.warnings]
+        if self.bypassed_calls:
+            lines.append(f"warning: {self.bypassed_calls} model call(s) reached no omnicache graph (run eagerly by Dynamo)")
         for g in self.graphs:
             head = f"graph {g.graph_id}: {g.nodes} nodes, policy {g.policy}"
             if not g.cached:
@@ -421,6 +440,7 @@ class Report:
                     why = next(r.uncertain for r in g.steps if r.uncertain)
                     lines.append(f"  {g.uncertain_calls} call(s) could not be placed with certainty and computed "
                                  f"every span (first: {why})")
+                lines.append(f"  compiled {g.compiled_graphs} rewritten graph(s) in {g.compile_seconds:.1f} s")
                 lines.append(f"  calls {g.calls}, span decisions computed {c} / reused {u} "
                              f"(hit rate {g.hit_rate:.1%}), FLOPs saved {g.flops_saved_fraction:.1%}, "
                              f"cache held {g.cache_bytes / 1024:.1f} KiB")

@@ -90,9 +90,9 @@ def plan_probe(gm: fx.GraphModule, analysis: SpanAnalysis, probe_depth: int) -> 
         return None, Reason("probe_too_deep", f"probe_depth {probe_depth} exceeds the {len(g0.units)} units of "
                             f"{g0.name}", g0.name)
     xs = stream_inputs(g0, 0)
-    def numel(n):
+    def numel(n):      # by the traced sizes: comparing symbolic ones would guard (specialise)
         tm = tensor_meta(n)
-        return math.prod(tm[0]) if tm else -1
+        return math.prod(d if isinstance(d, int) else (d.node.hint or 0) for d in tm[0]) if tm else -1
     x = max(xs, key=numel)
     p = follow_stream(g0, x, 0, probe_depth - 1)
     if p is None:

@@ -128,8 +128,8 @@ def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pre
         for a in n.all_input_nodes:
             if a not in body_set and a not in operands:
                 operands.append(a)
-    for a in operands:
-        if not isinstance(example_value(a), torch.Tensor):
+    for a in operands:   # tensors, and the sizes of a graph with symbolic shapes (cond takes SymInts)
+        if not isinstance(example_value(a), (torch.Tensor, torch.SymInt)):
             raise RewriteError("non_tensor_operand",
                                f"span reads the non-tensor value {a.name}; torch.cond needs tensors", sp.name)
     live = sp.live_streams

@@ -295,10 +295,6 @@ def make_span(gm: fx.GraphModule, group: Group, first: int, last: int) -> tuple[
             if tm_out is None or tm_out[:2] != tm_in[:2]:
                 return None, Reason("stream_shape_mismatch",
                                     f"stream {x.name} -> {o.name}: {tm_in[:2]} vs {tm_out and tm_out[:2]}", label)
-            if any(not isinstance(d, int) for d in tm_in[0]):
-                return None, Reason("dynamic_shape",
-                                    f"stream {x.name} has symbolic shape {tm_in[0]}; compile with dynamic=False",
-                                    label)
         streams.append(Stream(_stream_name(o if o is not None else x), x, o, tm_in[0], tm_in[1]))
     if not any(s.output is not None for s in streams):
         return None, Reason("no_live_stream", "no stream of the span is read after it", label)

@@ -338,3 +338,55 @@ def test_the_decisive_reason_comes_first():
     analysis.groups, analysis.refused = [], [Reason("no_timestep", "none")]
     Blocks.reasons = [Reason("no_module_metadata", "none"), Reason("no_blocks", "no list")]
     assert decisive_reason(Blocks, analysis).code == "no_blocks"
+
+
+class _Permuted(torch.nn.Module):
+    """Blocks whose output comes back in another stride order (a transposed view): the residual
+    ``out - in`` is not contiguous."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(),
+                                                              torch.nn.Linear(16, 8)) for _ in range(3))
+
+    def forward(self, x, timestep):
+        h = x * (1 + torch.sin(timestep).reshape(-1, 1, 1))
+        for b in self.blocks:
+            h = (h + b(h)).transpose(1, 2).contiguous().transpose(1, 2)
+        return h
+
+
+def _stride_checking_compiler(monkeypatch):
+    """An inner compiler that, like Inductor's compiled graphs, refuses inputs whose strides differ
+    from its example inputs'."""
+    import omnicompile.backend as B
+
+    def compiler(name):
+        def compile_fn(gm, example_inputs):
+            strides = [x.stride() if isinstance(x, torch.Tensor) else None for x in example_inputs]
+
+            def run(*args):
+                for i, (a, s) in enumerate(zip(args, strides)):
+                    if isinstance(a, torch.Tensor) and s is not None and a.dim() > 1 and a.stride() != s:
+                        raise AssertionError(f"input {i}: stride {a.stride()} != {s}")
+                return gm.forward(*args)
+            return run
+        return compile_fn
+    monkeypatch.setattr(B, "inner_compiler", compiler)
+
+
+@pytest.mark.parametrize("policy", [dict(policy="static", interval=2, warmup=1, guard="variants"),
+                                    dict(policy="static", interval=2, warmup=1, guard="cond"),
+                                    dict(policy="probe", threshold=10.0)], ids=["variants", "cond", "probe"])
+def test_state_is_fed_back_in_the_layout_it_was_compiled_for(monkeypatch, policy):
+    _stride_checking_compiler(monkeypatch)
+    torch.manual_seed(0)
+    model = _Permuted().eval()
+    x = torch.randn(2, 6, 8).transpose(1, 2).contiguous().transpose(1, 2)     # a permuted input too
+    oc = OmniCache(inner_backend="eager", **policy)
+    fn = torch.compile(model, backend=oc, fullgraph=True)
+    ts = [1.0, 0.8, 0.6, 0.4, 0.2]
+    with torch.no_grad(), omnicompile.generation(timesteps=ts):
+        for t in ts:
+            fn(x, torch.tensor([t]))
+    assert oc.report().hit_rate > 0

@@ -82,3 +82,19 @@ def test_policy_registry_is_extensible():
         assert OmniCache(policy="test_every_other").config.policy == "test_every_other"
     finally:
         omnicompile.POLICIES.pop("test_every_other")
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"budget": float("nan")}, "budget"), ({"threshold": float("nan")}, "threshold"),
+    ({"threshold": float("inf")}, "threshold"), ({"ret_ratio": float("nan")}, "ret_ratio"),
+    ({"target_speedup": float("nan")}, "target_speedup"), ({"target_speedup": float("inf")}, "target_speedup"),
+    ({"token_ratio": float("nan")}, "token_ratio"), ({"block_ratio": float("nan")}, "block_ratio"),
+    ({"align_clip": (1.0, float("inf"))}, "align_clip"), ({"reuse_steps": {1: 2}}, "reuse_steps"),
+    ({"dump_dir": ""}, "dump_dir"),
+])
+def test_non_finite_numbers_dicts_and_empty_paths_are_refused_at_construction(fields, field):
+    """NaN passed every range check (comparisons with NaN are false) and failed only generations
+    later; a dict of reuse steps iterated its keys; an empty dump folder was accepted."""
+    with pytest.raises(ConfigError) as e:
+        OmniCacheConfig(**fields)
+    assert e.value.field == field

@@ -71,17 +71,18 @@ class ProbeRuntime(Runtime):
         g = build_probe(self.gm, plan, float(c.threshold), c.error, c.align, c.align_clip)
         sig = ("(*inputs, force, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev, r_last] per span) -> "
                "(*outputs, *state', reuse, err, gamma)")
-        self._fn = self.compile("probe", g, [self._flags[False]] + self.zeros(self.specs), sig)
+        self._fn = self.compile("probe", g, [self._flags[False]] + self.examples(self.specs), sig)
 
     def __call__(self, *args):
         call = self.advance(args)
         st = call.slots.get(call.slot)
         force = self.policy.forced(call.step, call.num_steps) or st is None or not call.certain
         if st is None:
-            st = self.zeros(self.specs)
+            st = self.zeros(call, self.specs)
         outs = self.invoke(call, self._fn, list(args) + [self._flags[bool(force)]] + st)
         n_state = len(self.specs)
-        call.slots[call.slot] = list(outs[self.n_out:self.n_out + n_state])
+        # state goes back into the graph compiled for contiguous examples (Inductor asserts strides)
+        call.slots[call.slot] = [t.contiguous() for t in outs[self.n_out:self.n_out + n_state]]
         records = outs[self.n_out + n_state:]
         self.pending.append((call.place, call.timestep, bool(force), records))   # not the session: no caches kept
         self.report.cache_bytes = self.held_bytes()

@@ -25,8 +25,11 @@ Reading the timestep costs one scalar device-to-host copy per call; nothing else
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import dataclasses
 import logging
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -39,13 +42,40 @@ from omnicompile.runtime.placement import Place, Session, Sessions
 
 log = logging.getLogger("omnicompile")
 
-__all__ = ["RuntimeContext", "Runtime", "Call", "call_compiled", "span_reports"]
+__all__ = ["RuntimeContext", "Runtime", "Call", "call_compiled", "span_reports", "model_call", "note_reached"]
+
+#: set by a model call that wants to know whether it reached omnicache (compile_pipeline counts the
+#: calls Dynamo ran without compiling, e.g. past its recompile limit): a list the graphs append to
+_MODEL_CALL: contextvars.ContextVar = contextvars.ContextVar("omnicompile_model_call", default=None)
+
+
+def note_reached() -> None:
+    """A graph of omnicache runs for the current model call."""
+    marks = _MODEL_CALL.get()
+    if marks is not None:
+        marks.append(True)
+
+
+@contextlib.contextmanager
+def model_call():
+    """Yields a list that is non-empty after the block iff some omnicache graph ran in it."""
+    marks: list = []
+    token = _MODEL_CALL.set(marks)
+    try:
+        yield marks
+    finally:
+        _MODEL_CALL.reset(token)
 
 
 def call_compiled(fn: Callable, args: Sequence):
     """Call an inner backend's result the way Dynamo calls a backend's result: ``fn(*args)``
     (compile_fx's wrapper copies ``_boxed_call`` from its inner function but takes *args)."""
     return fn(*args)
+
+
+def _is_symbol(d) -> bool:
+    import sympy
+    return isinstance(d.node.expr, sympy.Symbol)
 
 
 def span_reports(spans: Sequence) -> list[SpanReport]:
@@ -79,6 +109,9 @@ class Call:
     place: Place
     session: Session
     timestep: Optional[float]
+    args: Sequence = ()
+    #: the graph's size symbols -> their values in this call (computed when first needed)
+    bindings: Optional[dict] = None
 
     @property
     def generation(self) -> int:
@@ -131,6 +164,18 @@ class Runtime(abc.ABC):
         self.ts_index = placeholders.index(ts) if ts is not None else None
         self.user_index = [placeholders.index(n) for n in ctx.analysis.user_inputs]
         params = [i for i, n in enumerate(placeholders) if is_param_placeholder(n)]
+        #: where each size symbol of the graph can be read in a call: (input, dim or None, symbol)
+        self._symbols: list[tuple] = []
+        self._fake_mode = None
+        for i, n in enumerate(placeholders):
+            ev = n.meta.get("example_value")
+            if isinstance(ev, torch.SymInt) and _is_symbol(ev):
+                self._symbols.append((i, None, ev.node.expr))
+            elif isinstance(ev, torch.Tensor) and not is_param_placeholder(n):
+                self._fake_mode = self._fake_mode or getattr(ev, "fake_mode", None)
+                for k, d in enumerate(ev.shape):
+                    if isinstance(d, torch.SymInt) and _is_symbol(d):
+                        self._symbols.append((i, k, d.node.expr))
         out = next(n for n in self.gm.graph.nodes if n.op == "output")
         val = out.args[0]
         self.n_out = len(val) if isinstance(val, (tuple, list)) else 1
@@ -164,7 +209,10 @@ class Runtime(abc.ABC):
     def compile(self, key: str, g: fx.GraphModule, extra_examples: Sequence = (), signature: str = "") -> Callable:
         """Compile the rewritten graph ``g`` (the original inputs plus ``extra_examples``) and
         keep it under ``key`` for the dumps."""
+        t0 = time.perf_counter()
         fn = self.compile_fn(g, self.example_inputs + list(extra_examples))
+        self.report.compile_seconds += time.perf_counter() - t0
+        self.report.compiled_graphs += 1
         self.compiled[key] = fn
         self.graphs[key] = g
         self.signatures[key] = signature
@@ -174,10 +222,40 @@ class Runtime(abc.ABC):
                 self.signatures[f"{key}_{suffix}"] = sig
         return fn
 
-    def zeros(self, specs: Sequence) -> list[torch.Tensor]:
-        """Zero tensors for ``(shape, dtype)`` specs (objects with ``.shape``/``.dtype``) on the
-        graph's device: example inputs, or the state of a slot without a cache."""
-        return [torch.zeros(s.shape, dtype=s.dtype, device=self.device) for s in specs]
+    def examples(self, specs: Sequence) -> list[torch.Tensor]:
+        """Example inputs for the state a rewritten graph takes, from ``(shape, dtype)`` specs
+        (objects with ``.shape``/``.dtype``): zeros on the graph's device, or — where a size is
+        symbolic (Dynamo's automatic dynamic shapes) — fake tensors of Dynamo's fake mode with
+        those symbolic sizes, so the inner compiler keeps them symbolic."""
+        out = []
+        for s in specs:
+            if all(isinstance(d, int) for d in s.shape):
+                out.append(torch.zeros(tuple(s.shape), dtype=s.dtype, device=self.device))
+            else:
+                with self._fake_mode:
+                    out.append(torch.zeros(tuple(s.shape), dtype=s.dtype, device=self.device))
+        return out
+
+    def zeros(self, call: "Call", specs: Sequence) -> list[torch.Tensor]:
+        """Zero state for a call (a slot without a cache yet), at the call's concrete sizes."""
+        return [torch.zeros(self.concrete(call, s.shape), dtype=s.dtype, device=self.device) for s in specs]
+
+    def concrete(self, call: "Call", shape: Sequence) -> tuple:
+        """``shape`` with its symbolic sizes evaluated for the call's inputs."""
+        if all(isinstance(d, int) for d in shape):
+            return tuple(shape)
+        if call.bindings is None:
+            call.bindings = self._bind(call.args)
+        return tuple(d if isinstance(d, int) else int(d.node.expr.xreplace(call.bindings)) for d in shape)
+
+    def _bind(self, args) -> dict:
+        """The values of the graph's size symbols in this call: from its SymInt inputs and the
+        symbolic dims of its tensor inputs."""
+        out = {}
+        for i, k, sym in self._symbols:
+            a = args[i]
+            out[sym] = int(a) if k is None else int(a.shape[k])
+        return out
 
     # ------------------------------------------------------------------ calls
     def signature_of(self, args) -> tuple:
@@ -194,6 +272,7 @@ class Runtime(abc.ABC):
     def advance(self, args) -> Call:
         """Place the call (reads the timestep: one scalar copy) and, where its session begins
         a generation, count it and let the calibrator begin."""
+        note_reached()
         t, dtype = None, None
         if self.ts_index is not None:
             ts = args[self.ts_index]
@@ -202,7 +281,7 @@ class Runtime(abc.ABC):
             else:
                 t = float(ts)
         place, session = self.sessions.place(args, t, self.signature_of(args), dtype)
-        call = Call(place, session, t)
+        call = Call(place, session, t, args)
         if call.new:
             if self.calibrator is not None:
                 self.calibrator.session_ended(session)     # the stream's previous generation

@@ -29,6 +29,13 @@ from omnicompile.runtime.base import Call, Runtime, RuntimeContext
 __all__ = ["SpanRuntime", "variant_key"]
 
 
+def _contiguous(tensors) -> list:
+    """State fed back into compiled graphs, in the layout they were compiled for: Inductor may
+    return a residual in another stride order (a transposed view), and its compiled graphs assert
+    the strides of their inputs (no copy when already contiguous)."""
+    return [t.contiguous() for t in tensors]
+
+
 def variant_key(decision: Sequence[bool]) -> str:
     """``variant_`` + one letter per span: ``R`` reused, ``C`` computed."""
     return "variant_" + "".join("R" if d else "C" for d in decision)
@@ -105,7 +112,8 @@ class SpanRuntime(Runtime):
             computed = [sp.name for sp, d in zip(spans, dec) if not d] or "no span"
             sig = (f"(*inputs, *residuals of {reused}) -> (*outputs, *residuals of {computed}); "
                    "residuals: live streams, span by span")
-            fn = self.compile(key, build_variant(self.gm, spans, dec), self.zeros(self._residual_specs(spans, dec)), sig)
+            fn = self.compile(key, build_variant(self.gm, spans, dec), self.examples(self._residual_specs(spans, dec)),
+                              sig)
         return fn
 
     def _cond(self, spans: Sequence) -> Callable:
@@ -115,7 +123,7 @@ class SpanRuntime(Runtime):
             preds = [torch.tensor(False) for _ in spans]
             sig = "(*inputs, *predicates (True = reuse) per span, *residuals of every span) -> (*outputs, *residuals)"
             fn = self.compile(key, build_cond(self.gm, spans),
-                              preds + self.zeros(self._residual_specs(spans, [True] * len(spans))), sig)
+                              preds + self.examples(self._residual_specs(spans, [True] * len(spans))), sig)
         return fn
 
     # ------------------------------------------------------------------ calls
@@ -135,7 +143,7 @@ class SpanRuntime(Runtime):
             fn = self._variant(spans, dec)
             extra = [r for i in range(n) if dec[i] for r in slot_cache[i]]
             outs = self.invoke(call, fn, list(args) + extra)
-            new_res = list(outs[self.n_out:])
+            new_res = _contiguous(outs[self.n_out:])
             k = 0
             for i in range(n):
                 if not dec[i]:
@@ -147,9 +155,9 @@ class SpanRuntime(Runtime):
             res = []
             for i in range(n):
                 res.extend(slot_cache[i] if slot_cache[i] is not None
-                           else self.zeros(self._residual_specs(spans, [j == i for j in range(n)])))
+                           else self.zeros(call, self._residual_specs(spans, [j == i for j in range(n)])))
             outs = self.invoke(call, fn, list(args) + preds + res)
-            new_res = list(outs[self.n_out:])
+            new_res = _contiguous(outs[self.n_out:])
             k = 0
             for i in range(n):
                 slot_cache[i] = new_res[k:k + counts[i]]

@@ -108,3 +108,4 @@ class ResidualProxy(Calibrator):
         if source != "calibrated":        # (measured on this very graph: nothing to check)
             self.owner.check_file(result, source)
         self.store(result, source if source != "calibrated" else result.method, model)
+        self.owner.prepare(result)

@@ -42,6 +42,7 @@ class LayeredRuntime(SpanRuntime):
         #: ("probe", span index, step) (reuse one unit at one step)
         self.mode: Any = "plan"
         self._plans: dict[int, tuple] = {}        # id(result) -> (result, plan, spans, rows)
+        self._ready = False                        # (compiling waits for Runtime.__init__)
         self.calibrator = ResidualProxy(self, ctx.config.calibrate)
         c = ctx.config
         if c.calibrate not in (None, "first"):
@@ -51,6 +52,7 @@ class LayeredRuntime(SpanRuntime):
         for r in self.ug.refused:
             if r not in self.report.refused:
                 self.report.refused.append(r)
+        self._ready = True
         if first is None and c.calibrate is None:
             self.report.refused.append(Reason("not_calibrated", "calibrate=None and no profile given: every step is "
                                               "computed until oc.calibrate(fn) or "
@@ -100,11 +102,17 @@ class LayeredRuntime(SpanRuntime):
             got = self._plans[id(result)] = (result, plan, spans, rows)
         return got
 
+    def prepare(self, result) -> None:
+        """A new profile or schedule: compile its plan's variants now (one per distinct step
+        row), not one by one inside the next generation."""
+        if self._ready and self.mode == "plan":
+            self.build(self.plan_of(result)[2])
+
     def spans_for(self, call) -> list:
         data = call.session.data
         res = None
         if self.mode == "plan" and not self.calibrator.calibrating(call):
-            res = self.calibrator.lookup(call.model, call.num_steps)
+            res = self.calibrator.lookup_call(call)
         if res is None:
             data["rows"] = None
             return self.unit_spans()
@@ -141,7 +149,7 @@ class LayeredRuntime(SpanRuntime):
         return tuple(row[step] for row in rows)
 
     def _preview_rows(self, num_steps, spans):
-        res = self.calibrator.lookup(0, num_steps)
+        res = self.calibrator.for_steps(num_steps) if num_steps is not None else None
         if res is None:
             return None
         _, _, pspans, rows = self.plan_of(res)
@@ -162,8 +170,8 @@ class LayeredRuntime(SpanRuntime):
         super().generation_started(call)
         if self.mode != "plan" or self.calibrator.calibrating(call) or call.num_steps is None:
             return
-        if self.calibrator.lookup(call.model, call.num_steps) is None and self.calibrator.results:
-            have = sorted({n for _, n in self.calibrator.results})
+        if self.calibrator.lookup_call(call) is None and self.calibrator.results:
+            have = self.calibrator.step_counts()
             why = Reason("plan_steps_mismatch", f"the layered plans are for {', '.join(map(str, have))} steps, this "
                          f"generation has {call.num_steps}: every step is computed")
             if why not in self.report.refused:
@@ -185,13 +193,13 @@ class LayeredRuntime(SpanRuntime):
             self.calibrator.record(call, args, outs, call.slots.get(0))
 
     def preview_spans(self, steps: int) -> list:
-        res = self.calibrator.lookup(0, steps)
+        res = self.calibrator.for_steps(steps)
         return self.plan_of(res)[2] if res is not None else self.unit_spans()
 
     def preview_note(self, steps):
-        if self.calibrator.lookup(0, steps) is not None:
+        if self.calibrator.for_steps(steps) is not None:
             return None
-        have = sorted({n for _, n in self.calibrator.results})
+        have = self.calibrator.step_counts()
         if not have:
             return (f"policy {self.policy.name!r} has no plan yet: every step is computed until a profile runs "
                     "(option calibrate='first' profiles the first generation)")

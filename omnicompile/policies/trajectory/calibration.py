@@ -189,9 +189,13 @@ class TrajectoryCalibrator(Calibrator):
         super().__init__(mode)
         self.owner = owner
 
+    def variant(self, call):
+        """Calibrations are per latent shape (a graph with symbolic sizes serves several)."""
+        return tuple(call.args[self.owner.latent_index].shape)
+
     def begin(self, call) -> None:
         call.session.data.update(recorder=Recorder(), first_step=call.step, next_step=call.step, slots_seen=1,
-                                 num_steps=call.num_steps, broken=False)
+                                 num_steps=call.num_steps, broken=False, shape=list(self.variant(call)))
 
     def record(self, call, args, outputs, state) -> None:
         d = call.session.data
@@ -214,7 +218,7 @@ class TrajectoryCalibrator(Calibrator):
         if n is not None and last != n - 1 and not session.completed:
             return None                         # stopped early: abandoned
         n = n if n is not None else last + 1
-        cal = rec.finish(self.owner.fingerprint, self.owner.latent_shape, d["slots_seen"])
+        cal = rec.finish(self.owner.fingerprint, d["shape"], d["slots_seen"])
         pad = ([None] * first, [None] * (n - 1 - last))
         for name in ("angle", "output", "gamma", "q_norm"):
             setattr(cal, name, pad[0] + list(getattr(cal, name)) + pad[1])
@@ -226,4 +230,4 @@ class TrajectoryCalibrator(Calibrator):
 
     def use(self, result: Calibration, source: str, model) -> None:
         self.owner.check_calibration(result)
-        self.store(result, source, model)
+        self.store(result, source, model, tuple(result.shape))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from omnicompile.passes.common import Reason
 from omnicompile.passes.correct import BandFilter, build_corrected_reuse, build_measure_variant, float_outputs
@@ -34,6 +35,9 @@ class TrajectoryRuntime(Runtime):
         self.out_float = float_outputs(gm)
         self.latent_index = self._find_latent(gm, ctx.analysis)
         self.latent_shape = list(self.example_inputs[self.latent_index].shape)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        ev = placeholders[self.latent_index].meta.get("example_value")
+        self.symbolic_latent = ev is not None and not all(isinstance(d, int) for d in ev.shape)
         self.calibrator = TrajectoryCalibrator(self, config.calibrate)
         self._derived: dict[int, tuple] = {}       # id(calibration) -> (calibration, schedule, gammas)
         self.gamma = torch.ones((), device=self.device)
@@ -45,27 +49,40 @@ class TrajectoryRuntime(Runtime):
         res = self._residual_specs()
         self._fn_compute = self.compile("variant_C", build_variant(gm, self.spans, (False,) * len(self.spans)), [],
                                         "(*inputs) -> (*outputs, *residuals of every span)")
-        self._fn_measure = self.compile("measure", build_measure_variant(gm, self.spans), self.zeros(res),
+        self._fn_measure = self.compile("measure", build_measure_variant(gm, self.spans), self.examples(res),
                                         "(*inputs, *residuals) -> (*outputs, *residuals', *q per float output)")
         self._fn_reuse = self.compile("variant_R", build_variant(gm, self.spans, (True,) * len(self.spans)),
-                                      self.zeros(res), "(*inputs, *residuals of every span) -> (*outputs)")
+                                      self.examples(res), "(*inputs, *residuals of every span) -> (*outputs)")
         self._fn_corrected = None
         if config.correction:
             outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
-            q_ex = [torch.zeros(tuple(outs[i].meta["example_value"].shape), dtype=outs[i].meta["example_value"].dtype,
-                                device=self.device) for i in self.out_float]
+            q_ex = self.examples([outs[i].meta["example_value"] for i in self.out_float])
             self._fn_corrected = self.compile("reuse_corrected", build_corrected_reuse(gm, self.spans),
-                                              self.zeros(res) + [self.gamma] + q_ex,
+                                              self.examples(res) + [self.gamma] + q_ex,
                                               "(*inputs, *residuals, gamma, *q per float output) -> (*outputs)")
-        self._band = None
+        self._bands: dict[tuple, object] = {}     # concrete output shape -> BandFilter (or None: no grid)
         if config.correction and config.correction_band is not None:
+            for q in q_ex:                        # static sizes: say now whether the band applies
+                if all(isinstance(d, int) for d in q.shape) and not isinstance(q, FakeTensor):
+                    self._band(q)
+
+    def _band(self, q: torch.Tensor) -> torch.Tensor:
+        """``q`` restricted to the correction band (per concrete shape; an output without a grid
+        keeps the whole correction, reported as ``band_unknown``)."""
+        shape = tuple(q.shape)
+        if shape not in self._bands:
             try:
-                self._band = [BandFilter(q.shape, config.correction_band, self.device) for q in q_ex]
+                self._bands[shape] = BandFilter(shape, self.config.correction_band, self.device)
             except ValueError as e:
-                why = Reason("band_unknown", f"correction_band {list(config.correction_band)} ignored, the whole "
-                             f"correction is applied: the model output has no spatial grid the band can refer to ({e})")
-                report.refused.append(why)
-                log.warning("omnicompile: %s", why.message)
+                self._bands[shape] = None
+                why = Reason("band_unknown", f"correction_band {list(self.config.correction_band)} ignored, the "
+                             f"whole correction is applied: the model output has no spatial grid the band can refer "
+                             f"to ({e})")
+                if why not in self.report.refused:
+                    self.report.refused.append(why)
+                    log.warning("omnicompile: %s", why.message)
+        f = self._bands[shape]
+        return q if f is None else f(q)
 
     def _residual_specs(self) -> list:
         return [s for sp in self.spans for s in sp.live_streams]
@@ -76,11 +93,12 @@ class TrajectoryRuntime(Runtime):
         first span's streams are computed from."""
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
-        out_shapes = {tuple(outs[i].meta["example_value"].shape) for i in self.out_float}
+        out_shapes = {str(tuple(outs[i].meta["example_value"].shape)) for i in self.out_float}
         floats = [i for i in self.user_index if isinstance(self.example_inputs[i], torch.Tensor)
                   and self.example_inputs[i].dtype.is_floating_point and i != self.ts_index]
-        for i in floats:
-            if tuple(self.example_inputs[i].shape) in out_shapes:
+        for i in floats:                   # (symbolic sizes compare by their expressions)
+            ev = placeholders[i].meta.get("example_value")
+            if ev is not None and str(tuple(ev.shape)) in out_shapes:
                 return i
         anc, stack = set(), [s.input for s in self.spans[0].streams]
         while stack:
@@ -93,8 +111,10 @@ class TrajectoryRuntime(Runtime):
 
     # ---------------------------------------------------------------- calibration
     def check_calibration(self, cal: Calibration) -> None:
-        """Raise CalibrationError unless ``cal`` was made for this graph."""
-        cal.check_matches(self.fingerprint, self.latent_shape, cal.slots)
+        """Raise CalibrationError unless ``cal`` was made for this graph (a graph with symbolic
+        sizes takes a calibration of any shape; it applies to generations of that shape)."""
+        shape = cal.shape if self.symbolic_latent else self.latent_shape
+        cal.check_matches(self.fingerprint, shape, cal.slots)
         if self.config.num_steps is not None and self.config.num_steps != cal.num_steps:
             raise CalibrationError(f"calibration field 'num_steps': calibrated for {cal.num_steps} steps, "
                                    f"option num_steps is {self.config.num_steps}")
@@ -133,7 +153,7 @@ class TrajectoryRuntime(Runtime):
         cal, words = self.calibrator.for_generation(call, "calibration")
         if cal is None:
             return words
-        return (f"calibration of {cal.num_steps} steps ({self.calibrator.source_of(call.model, cal.num_steps)}), "
+        return (f"calibration of {cal.num_steps} steps ({self.calibrator.source_of(call.model, cal.num_steps, self.calibrator.variant(call))}), "
                 f"reuse steps {self.schedule_of(cal)[0]}")
 
     # ---------------------------------------------------------------- call
@@ -142,7 +162,7 @@ class TrajectoryRuntime(Runtime):
         step = call.step
         calibrating = self.calibrator.calibrating(call)
         st = call.slots.setdefault(call.slot, {})
-        cal = None if calibrating else self.calibrator.lookup(call.model, call.num_steps)
+        cal = None if calibrating else self.calibrator.lookup_call(call)
         schedule, gammas = self.schedule_of(cal) if cal is not None else ((), ())
         scheduled = cal is not None and step in schedule and call.certain
         reuse = scheduled and "res" in st and step < cal.num_steps
@@ -175,7 +195,9 @@ class TrajectoryRuntime(Runtime):
             k = self.n_out + sum(self.counts)
             # state goes back into graphs compiled for contiguous examples (Inductor asserts strides)
             st["res"] = [r.contiguous() for r in outs[self.n_out:k]]
-            qs = outs[k:] if self._band is None else [f(q) for f, q in zip(self._band, outs[k:])]
+            qs = list(outs[k:])
+            if self.config.correction_band is not None:
+                qs = [self._band(q) for q in qs]
             st["q"] = [q.contiguous() for q in qs]
             st["prod"], st["coef"], st["k"] = 1.0, 0.0, 0
             st["d"] = max(1, step - st.get("res_step", step - 1))
@@ -194,9 +216,9 @@ class TrajectoryRuntime(Runtime):
         return tuple(outs[:self.n_out])
 
     def preview(self, steps: int) -> Preview:
-        cal = self.calibrator.lookup(0, steps)
+        cal = self.calibrator.for_steps(steps)
         if cal is None:
-            have = sorted({n for _, n in self.calibrator.results})
+            have = self.calibrator.step_counts()
             why = (f"calibrated for {', '.join(map(str, have))} steps only" if have else "not calibrated yet")
             return Preview.computed(steps, self.spans, self.report.flops_per_call,
                                     f"policy {self.policy.name!r} is {why}: a generation of {steps} steps computes "
