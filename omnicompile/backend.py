@@ -41,7 +41,9 @@ from omnicompile.passes.common import Reason
 from omnicompile.passes.spans import find_spans
 from omnicompile.registry import make_policy, policy_class
 from omnicompile.report import GraphReport, Report
+from omnicompile.passes.specialise import concrete_args, specialise
 from omnicompile.runtime.base import Runtime, RuntimeContext, note_reached, span_reports
+from omnicompile.runtime.shapes import PerShape, needs_specialising
 
 log = logging.getLogger("omnicompile")
 
@@ -94,6 +96,7 @@ class OmniCache:
         self._graphs: list[CompiledGraph] = []
         self._ids = itertools.count()
         self._calibrating = False
+        self._warnings: list[str] = []
         for created in _recorders:
             created.append(self)
 
@@ -110,7 +113,8 @@ class OmniCache:
     def report(self) -> Report:
         for rt in self.runtimes:
             rt.flush()
-        return Report([g.report for g in self._graphs], warnings=[RECOMPILE_HINT] if recompile_limit_hit() else [])
+        return Report([g.report for g in self._graphs],
+                      warnings=([RECOMPILE_HINT] if recompile_limit_hit() else []) + self._warnings)
 
     def reset(self) -> None:
         """Forget every cache and step counter (the next call starts a new generation)."""
@@ -158,6 +162,10 @@ class OmniCache:
             log.warning("omnicache ignores torch.compile mode=%r; Inductor options go through "
                         "the inner backend's defaults", mode)
         policy = make_policy(cfg)
+        if cfg.merge.enabled and needs_specialising(gm):
+            per_shape = self._per_shape(gm, example_inputs, options, mode)
+            if per_shape is not None:
+                return per_shape
         report = GraphReport(graph_id=next(self._ids), nodes=len(gm.graph.nodes), cached=False,
                              policy=policy.describe(), inner_backend=cfg.inner_backend)
         inner = inner_compiler(cfg.inner_backend)
@@ -187,6 +195,29 @@ class OmniCache:
         self._graphs.append(CompiledGraph(report, built))
         self._write_dump(cfg, gm, report, built, found)
         return built
+
+    def _per_shape(self, gm, example_inputs, options, mode) -> Optional[PerShape]:
+        """A graph with symbolic sizes for the token/frame/block caches (whose proofs need
+        concrete row counts): one specialised graph per concrete shape, each compiled through
+        this backend on its first call (omnicompile.runtime.shapes).  None where the graph
+        cannot be specialised (data-dependent sizes): it is then compiled symbolically, the
+        step caches on and the token caches refused (``merge_dynamic_shape``)."""
+        try:
+            specialise(gm, concrete_args(example_inputs))       # provable: the later ones are alike
+        except RewriteError as e:
+            log.warning("omnicache: a graph with symbolic sizes cannot be specialised per shape (%s); "
+                        "its token/frame/block caches are off", e.reason)
+            return None
+
+        def build(spec: fx.GraphModule, args: list):
+            fn = self(spec, args, options, mode)
+            self._graphs[-1].report.specialised = True
+            return fn
+
+        def warn(message: str) -> None:
+            if message not in self._warnings:
+                self._warnings.append(message)
+        return PerShape(gm, build, warn)
 
     def _build(self, gm, example_inputs, cfg, policy, report, inner, found) -> "Runtime | Reason":
         """The runtime of ``gm``, or the reason it is compiled unchanged."""

@@ -113,6 +113,9 @@ class GraphReport:
     #: inner backend took for them (the first compile of a graph warms Inductor's caches)
     compiled_graphs: int = 0
     compile_seconds: float = 0.0
+    #: compiled for one concrete shape of a graph Dynamo traced with symbolic sizes (the
+    #: token/frame/block caches need concrete row counts: one such graph per shape)
+    specialised: bool = False
     #: the generations, most recent last (at most MAX_GENERATIONS kept)
     generation_log: list[GenerationRecord] = dataclasses.field(default_factory=list)
 
@@ -403,6 +406,8 @@ class Report:
             lines.append(f"warning: {self.bypassed_calls} model call(s) reached no omnicache graph (run eagerly by Dynamo)")
         for g in self.graphs:
             head = f"graph {g.graph_id}: {g.nodes} nodes, policy {g.policy}"
+            if g.specialised:
+                head += " (specialised to one shape of a symbolic graph)"
             if not g.cached:
                 why = g.fallback or Reason("unchanged", "graph compiled unchanged")
                 lines.append(f"{head} -> unchanged ({why})")

@@ -99,3 +99,60 @@ def test_calls_past_dynamos_recompile_limit_are_reported():
     assert cache.model_calls["transformer"] == 4 * 3 * 2
     assert any("recompile_limit" in w for w in rep.warnings)
     assert "reached no omnicache graph" in str(rep)
+
+
+def test_token_caches_specialise_per_shape_under_automatic_dynamic():
+    """The token / frame / block caches prove their regions at concrete row counts: a graph
+    Dynamo traced with symbolic sizes is specialised per concrete shape (one graph each, reported
+    as such); every shape merges, and each equals the static compile of that shape (which
+    test_tokens checks against the plain-PyTorch token-cache reference)."""
+    from omnicompile import testing
+
+    model, kw = testing.tiny_latte(num_layers=3, frames=4)
+    opts = dict(policy="none", inner_backend="eager", frame_ratio=0.5, block_ratio=0.5, merge_ffn=True)
+    steps = (1000.0, 500.0)
+
+    def shaped(b, h, w):
+        g = torch.Generator().manual_seed(b * 100 + h + w)
+        return dict(kw, hidden_states=torch.randn(b, 4, 4, h, w, generator=g), timestep=torch.full((b,), 1000.0),
+                    encoder_hidden_states=torch.randn(b, 6, 16, generator=g))
+
+    def run(cm, k):
+        with torch.no_grad(), omnicompile.generation(timesteps=list(steps)):
+            return [cm(**testing.with_timestep(k, t))[0] for t in steps]
+
+    shapes = [(1, 8, 8), (2, 8, 8), (1, 12, 8)]
+    oc = omnicompile.OmniCache(**opts)
+    cm = torch.compile(model, backend=oc)
+    outs = {s: run(cm, shaped(*s)) for s in shapes}
+    graphs = oc.report().graphs
+    assert [g.specialised for g in graphs] == [False, True, True]
+    assert all(g.cached and g.token_cache["merged_calls"] >= 1 for g in graphs)
+    for s, g in zip(shapes, graphs):
+        torch._dynamo.reset()
+        static = omnicompile.OmniCache(**opts)
+        want = run(torch.compile(model, backend=static, dynamic=False), shaped(*s))
+        for a, b in zip(outs[s], want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert g.token_cache["merged_calls"] == static.report().graphs[0].token_cache["merged_calls"]
+
+
+def test_specialised_shapes_are_bounded():
+    """Past MAX_SHAPES the oldest specialisation is evicted (it compiles again when it comes
+    back); the report warns once."""
+    from omnicompile import testing
+    from omnicompile.runtime import shapes
+
+    model, kw = testing.tiny_dit(num_layers=3)
+    oc = omnicompile.OmniCache(policy="none", inner_backend="eager", token_ratio=0.5)
+    cm = torch.compile(model, backend=oc)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shapes, "MAX_SHAPES", 2)
+        for b in (1, 2, 3, 4, 2):
+            k = dict(kw, hidden_states=kw["hidden_states"].repeat(b, 1, 1, 1), timestep=kw["timestep"].repeat(b),
+                     class_labels=kw["class_labels"].repeat(b))
+            torch.testing.assert_close(cm(**k)[0], model(**k)[0])
+    rep = oc.report()
+    # batch 1 static; 2 and 3 specialised; 4 evicts 2; 2 evicts 3 and compiles again
+    assert sum(g.specialised for g in rep.graphs) == 4
+    assert sum("evict" in w for w in rep.warnings) == 1

@@ -537,6 +537,9 @@ def test_auto_fill_takes_residual_where_the_output_is_a_residual_stream():
 
 
 def test_dynamic_shapes_are_refused_not_crashed():
+    """``dynamic=True`` on DiT: Dynamo captures the class label's ``.item()`` as a data-dependent
+    size, so the graph cannot be specialised per shape (test_dynamic covers the graphs that can):
+    the token cache is refused with a reason, the output is right."""
     model, kw = testing.tiny_dit(num_layers=4)
     oc = omnicompile.OmniCache(inner_backend="eager", policy="none", token_ratio=0.5)
     cm = torch.compile(model, backend=oc, fullgraph=True, dynamic=True)
