@@ -9,6 +9,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
+# pytest-xdist workers for `make test` (each runs torch on one thread; `auto` = one per CPU)
+TEST_WORKERS ?= auto
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.omnicompile-$(subst =,-,$(TORCH_SPEC))
 BENCH_STAMP := $(VENV)/.omnicompile-bench
@@ -29,7 +31,7 @@ $(BENCH_STAMP): $(STAMP)
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 demo: $(BENCH_STAMP)
 	$(PY) bench/demo.py

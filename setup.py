@@ -25,7 +25,7 @@ setup(
     package_data={"omnicompile.passes": ["README.md"]},
     install_requires=["torch>=2.11", "triton", "networkx>=3.0", "sympy>=1.12"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "numpy", "diffusers>=0.35", "safetensors", "matplotlib",
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "numpy", "diffusers>=0.35", "safetensors", "matplotlib",
                  "scikit-learn", "scikit-image", "tqdm", "transformers"],
         "viz": ["matplotlib"],
         "diffusers": ["diffusers>=0.35", "safetensors", "numpy"],

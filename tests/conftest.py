@@ -9,6 +9,11 @@ import torch
 # refusal sees a deliberate one (with its reason), never a bug in disguise.
 os.environ.setdefault("OMNICACHE_STRICT", "1")
 
+# Under pytest-xdist (`make test` runs one worker per CPU) each worker computes on one thread:
+# the workers share the cores instead of oversubscribing them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
