@@ -46,7 +46,6 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
         raise RewriteError("bad_decision", f"{len(reuse)} decisions for {len(spans)} spans")
     new, env = copy_graph_module(gm)
     g = new.graph
-    out_node, outs = output_values(g)
     extra_out: list[fx.Node] = []
     repl: dict[fx.Node, fx.Node] = {}   # outputs of earlier spans -> what replaced them
     for sp, r in zip(spans, reuse):
@@ -68,6 +67,8 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
                     d = g.call_function(operator.sub, (o, x))
                 d.meta["example_value"] = _fake_like(s.output)
                 extra_out.append(d)
+    # read the outputs only now: a stream output may itself be a graph output, replaced above
+    out_node, outs = output_values(g)
     set_outputs(out_node, outs + extra_out)
     g.eliminate_dead_code()
     g.lint()
@@ -89,7 +90,6 @@ def _order(g: fx.Graph) -> dict:
 def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
     new, env = copy_graph_module(gm)
     g = new.graph
-    out_node, outs = output_values(g)
     preds = [add_placeholder(g, f"omni_pred_{k}", None) for k in range(len(spans))]
     res_phs = [[add_placeholder(g, f"omni_res_{safe_name(sp.name)}_{s.name}", _fake_like(s.input))
                 for s in sp.live_streams] for sp in spans]
@@ -97,6 +97,7 @@ def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
     repl: dict[fx.Node, fx.Node] = {}
     for k, sp in enumerate(spans):
         extra_out.extend(guard_span(new, env, repl, k, sp, preds[k], [res_phs[k]], "residual"))
+    out_node, outs = output_values(g)      # after the spans: a stream output may be a graph output
     set_outputs(out_node, outs + extra_out)
     g.eliminate_dead_code()
     g.lint()
