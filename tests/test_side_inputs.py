@@ -62,6 +62,9 @@ def test_vace_is_cached_and_equals_the_reference(options):
     # the span list covers the main blocks (the probe computes block 0 itself)
     first = 1 if options["policy"] == "probe" else 0
     assert [(s.name, s.units) for s in g.spans] == [(f"blocks[{first}:4]", 4 - first)]
+    # the report names the hints added after blocks 0 and 2 (block 0 belongs to the probe)
+    assert len(g.spans[0].side_additions) == 2 - first
+    assert all(a.startswith("hidden_states += ") for a in g.spans[0].side_additions)
     counts = replay_all(rec)
     assert counts["reused"] > 0 and counts["computed"] > 0
 
@@ -181,3 +184,46 @@ def test_a_side_input_that_is_not_an_addition_is_refused(how):
 def _trace(model, kw):
     from conftest import trace
     return trace(model, kw)[0]
+
+
+def _vace_pipeline():
+    """A tiny ``WanVACEPipeline``: the transformer of :func:`tiny_wan_vace` (4 latent channels, so
+    the control input has 2 * 4 + 64 channels: video latents, reactive latents and the 8 x 8 mask)
+    and a tiny ``AutoencoderKLWan`` that encodes the control video; text embeddings precomputed."""
+    import numpy as np
+    import PIL.Image
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanVACEPipeline
+    from diffusers import WanVACETransformer3DModel
+    from pipelines import _build
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4).eval()
+    transformer = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, rope_max_seq_len=32, vace_layers=[0, 2],
+        vace_in_channels=2 * 4 + 64).eval()
+    pipe = _build(WanVACEPipeline, transformer=transformer, vae=vae,
+                  scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    g = torch.Generator().manual_seed(0)
+    frames = [PIL.Image.fromarray((torch.rand(32, 32, 3, generator=g).numpy() * 255).astype(np.uint8))
+              for _ in range(5)]
+    kw = dict(prompt_embeds=torch.randn(1, 6, 16, generator=g), negative_prompt_embeds=torch.randn(1, 6, 16, generator=g),
+              video=frames, height=32, width=32, num_frames=5, num_inference_steps=6, guidance_scale=4.0,
+              output_type="latent", return_dict=False)
+    return pipe, kw
+
+
+def test_wan_vace_pipeline_is_cached_and_equals_the_reference():
+    pipe, kw = _vace_pipeline()
+    cache = omnicompile.compile_pipeline(pipe, dynamic=False, policy="static", interval=2, warmup=1, cooldown=1,
+                                         inner_backend="eager")
+    rec = Recorder(cache.backends["transformer"])
+    pipe.transformer = torch.compile(cache.originals["transformer"], backend=rec, dynamic=False)
+    with torch.no_grad():
+        pipe(**kw, generator=torch.Generator().manual_seed(0))
+    (g,) = cache.backends["transformer"].report().graphs
+    assert g.cached and [s.name for s in g.spans] == ["blocks[0:4]"]
+    counts = replay_all(rec)
+    assert counts["calls"] == 12 and counts["reused"] == 4      # CFG: two calls per step, steps 1 and 3 reused
