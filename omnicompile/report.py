@@ -53,6 +53,9 @@ class SpanReport:
     streams: list[str]
     side_inputs: list[str]
     flops: int
+    # values added into a stream between the span's blocks (ControlNet residuals, VACE hints):
+    # "stream += value", applied fresh on reused steps
+    side_additions: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -419,7 +422,9 @@ class Report:
                              f"{bl['nodes_per_block'][0]} nodes each")
             for s in g.spans:
                 lines.append(f"  span {s.name}: {s.units} units, streams {', '.join(s.streams)}, "
-                             f"side inputs {', '.join(s.side_inputs) or '-'}, {s.flops / 1e6:.2f} MFLOP")
+                             f"side inputs {', '.join(s.side_inputs) or '-'}, {s.flops / 1e6:.2f} MFLOP"
+                             + (f", added between blocks (fresh on reuse): {', '.join(s.side_additions)}"
+                                if s.side_additions else ""))
             for w in g.token_cache.get("wrapped", []):
                 lines.append(f"  wraps {w['block']} along {w['axis']}: {w['skipped']} of {w['rows']} rows skipped, "
                              f"{w['flops_merged'] / 1e6:.2f} of {w['flops_full'] / 1e6:.2f} MFLOP")

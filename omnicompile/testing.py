@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_flux", "tiny_sd3", "tiny_wan", "tiny_latte", "tiny_dit", "TINY_MODELS", "with_timestep"]
+__all__ = ["tiny_flux", "tiny_sd3", "tiny_wan", "tiny_wan_vace", "tiny_latte", "tiny_dit", "TINY_MODELS",
+           "with_timestep"]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -67,6 +68,24 @@ def tiny_wan(seed: int = 0, num_layers: int = 2, batch: int = 1):
     return m, kw
 
 
+def tiny_wan_vace(seed: int = 0, num_layers: int = 4, vace_layers=(0, 2), batch: int = 1):
+    """Wan VACE: the control branch (``vace_blocks``) computes one hint per VACE layer, added
+    into the hidden states after blocks ``vace_layers`` — side inputs between blocks."""
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(seed)
+    m = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                  in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                  num_layers=num_layers, rope_max_seq_len=32, vace_layers=list(vace_layers),
+                                  vace_in_channels=12).eval()
+    g = _gen(seed)
+    kw = dict(hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
+              encoder_hidden_states=torch.randn(batch, 6, 16, generator=g),
+              control_hidden_states=torch.randn(batch, 12, 2, 8, 8, generator=g),
+              timestep=torch.full((batch,), 1000.0), return_dict=False)
+    return m, kw
+
+
 def tiny_latte(seed: int = 0, num_layers: int = 2, batch: int = 1, frames: int = 3):
     from diffusers import LatteTransformer3DModel
 
@@ -94,7 +113,8 @@ def tiny_dit(seed: int = 0, num_layers: int = 2, batch: int = 1):
     return m, kw
 
 
-TINY_MODELS = {"flux": tiny_flux, "sd3": tiny_sd3, "wan": tiny_wan, "latte": tiny_latte, "dit": tiny_dit}
+TINY_MODELS = {"flux": tiny_flux, "sd3": tiny_sd3, "wan": tiny_wan, "wan_vace": tiny_wan_vace, "latte": tiny_latte,
+               "dit": tiny_dit}
 
 
 def with_timestep(kwargs: dict, t: float) -> dict:

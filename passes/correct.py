@@ -2,7 +2,8 @@
 
 While a span is reused the model output is ``eps~ = eps + q``.  At a computed step the
 graph also evaluates what reuse *would* have produced — every span replaced by
-``in + cached residual`` and the rest of the graph after the first span re-run on those
+``in + cached residual`` (``in`` plus the span's side additions, see
+:mod:`~omnicompile.passes.rewrite`) and the rest of the graph after the first span re-run on those
 values (the blocks are not re-run, so this costs the epilogue only) — and returns
 ``q = out_reuse - out`` per model output.  At the next reuse step the runtime passes the
 last measured ``q`` and a coefficient ``gamma`` and the graph returns
@@ -24,7 +25,7 @@ import torch.fx as fx
 
 from .common import example_value
 from .edit import add_placeholder, copy_graph_module, output_values, safe_name, set_outputs
-from .rewrite import build_variant
+from .rewrite import build_variant, stream_base
 from .spans import Span
 
 __all__ = ["build_measure_variant", "build_corrected_reuse", "float_outputs", "grid_layout", "BandFilter"]
@@ -46,7 +47,9 @@ def build_measure_variant(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.Graph
     g = new.graph
     out_node, outs = output_values(g)
     order = {n: i for i, n in enumerate(g.nodes)}
-    span_nodes = [{env[n] for n in sp.nodes} for sp in spans]
+    # what a reuse skips: the span bodies (kept nodes stay on the reuse path, re-run on it
+    # where they read a value the reuse changed)
+    span_nodes = [{env[n] for n in sp.nodes if n not in set(sp.keep)} for sp in spans]
     in_any_span = set().union(*span_nodes)
     res_phs = [[add_placeholder(g, f"omni_res_{safe_name(sp.name)}_{s.name}", example_value(s.input))
                 for s in sp.live_streams] for sp in spans]
@@ -55,23 +58,31 @@ def build_measure_variant(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.Graph
     created: set = set()
     for sp, phs in zip(spans, res_phs):
         for s, r in zip(sp.live_streams, phs):
-            x, o = env[s.input], env[s.output]
-            with g.inserting_after(o):
+            o = env[s.output]
+            x, after = stream_base(g, env, {}, s, o)
+            with g.inserting_after(after):
                 d = g.call_function(operator.sub, (o, x))
             d.meta["example_value"] = example_value(s.output)
             new_res.append(d)
     # the reuse path: walk the graph after the first span; span outputs become in + res,
     # every other node that reads an alternative value is copied onto the alternative path
     first = min(order[env[n]] for n in spans[0].nodes)
-    stream_out = {env[s.output]: (env[s.input], r)
+    stream_out = {env[s.output]: (env[s.input], [env[h] for h in s.adds], r)
                   for sp, phs in zip(spans, res_phs) for s, r in zip(sp.live_streams, phs)}
     for n in list(g.nodes):
         if n.op in ("placeholder", "output") or order.get(n, -1) < first:
             continue
         if n in stream_out:
-            x, r = stream_out[n]
-            with g.inserting_after(n):
-                y = g.call_function(operator.add, (alt.get(x, x), r))
+            x, adds, r = stream_out[n]
+            base, after = alt.get(x, x), n
+            for h in adds:        # the side additions of this call, on the reuse path too
+                with g.inserting_after(after):
+                    base = g.call_function(operator.add, (base, alt.get(h, h)))
+                base.meta["example_value"] = example_value(n)
+                created.add(base)
+                after = base
+            with g.inserting_after(after):
+                y = g.call_function(operator.add, (base, r))
             y.meta["example_value"] = example_value(n)
             alt[n] = y
             created.add(y)

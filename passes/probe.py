@@ -164,7 +164,6 @@ def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: st
                 align_clip: tuple[float, float]) -> fx.GraphModule:
     new, env = copy_graph_module(gm)
     g = new.graph
-    out_node, outs = output_values(g)
     force = add_placeholder(g, "omni_force", None)
     specs = plan.state_specs()
     state = [add_placeholder(g, "omni_" + safe_name(s.name), None) for s in specs]
@@ -185,6 +184,7 @@ def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: st
         for ph, s in zip(prev + last, sp.live_streams + sp.live_streams):
             ph.meta["example_value"] = example_value(s.input)
         span_state += guard_span(new, env, repl, i, sp, reuse, [prev, last], "window", (a, b))
+    out_node, outs = output_values(g)      # after the spans: a stream output may be a graph output
     set_outputs(out_node, outs + [x, p, q_prev2, q_last2, acc2, count2] + span_state + [reuse, err, gamma])
     g.eliminate_dead_code()
     g.lint()

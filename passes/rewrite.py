@@ -17,6 +17,11 @@ graph mutates Python state.  Two forms:
     ``(*orig_inputs, *pred[spans], *res[all spans]) -> (*orig_outputs, *res[all spans])``.
     The reuse branch returns a copy of the residual (cond branches may not alias inputs).
 
+Where side values are added into a stream between the span's blocks (``Stream.adds``:
+ControlNet residuals, VACE hints), ``in`` stands for the stream's *base*, its input plus
+this call's side values: the residual is ``out - base`` and a reuse returns ``base +
+residual``, so a side input that changes per step is applied fresh, never replayed.
+
 Residuals are ordered span by span, live streams in span order.  Nodes a span must keep
 (stream-independent values read after it, ``Span.keep``) stay in the main graph.
 Both builders work on a copy (:func:`~omnicompile.passes.edit.copy_graph_module`).
@@ -46,7 +51,6 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
         raise RewriteError("bad_decision", f"{len(reuse)} decisions for {len(spans)} spans")
     new, env = copy_graph_module(gm)
     g = new.graph
-    out_node, outs = output_values(g)
     extra_out: list[fx.Node] = []
     repl: dict[fx.Node, fx.Node] = {}   # outputs of earlier spans -> what replaced them
     for sp, r in zip(spans, reuse):
@@ -54,9 +58,10 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
         keep = {env[n] for n in sp.keep}
         last = max((env[n] for n in sp.nodes), key=lambda n: _order(g)[n])
         for s in sp.live_streams:
-            x, o = _resolve(repl, env[s.input]), env[s.output]
+            o = env[s.output]
             if r:
                 res = add_placeholder(g, f"omni_res_{safe_name(sp.name)}_{s.name}", _fake_like(s.input))
+                x, last = stream_base(g, env, repl, s, last)
                 with g.inserting_after(last):
                     y = g.call_function(operator.add, (x, res))
                 y.meta["example_value"] = _fake_like(s.output)
@@ -64,15 +69,32 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
                 repl[o] = y
                 last = y
             else:
-                with g.inserting_after(o):
+                x, after = stream_base(g, env, repl, s, o)
+                with g.inserting_after(after):
                     d = g.call_function(operator.sub, (o, x))
                 d.meta["example_value"] = _fake_like(s.output)
                 extra_out.append(d)
+    # read the outputs only now: a stream output may itself be a graph output, replaced above
+    out_node, outs = output_values(g)
     set_outputs(out_node, outs + extra_out)
     g.eliminate_dead_code()
     g.lint()
     new.recompile()
     return new
+
+
+def stream_base(g: fx.Graph, env: dict, repl: dict, s, after: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The value a stream's residual is taken against: its input plus the side values added
+    into it between the span's blocks (``Stream.adds``: this call's values), inserted after
+    ``after``.  Returns ``(base, last node inserted)``; without side additions ``(input,
+    after)``."""
+    x = _resolve(repl, env[s.input])
+    for h in s.adds:
+        with g.inserting_after(after):
+            x = g.call_function(operator.add, (x, _resolve(repl, env[h])))
+        x.meta["example_value"] = _fake_like(s.input)
+        after = x
+    return x, after
 
 
 def _resolve(repl: dict, n: fx.Node) -> fx.Node:
@@ -89,7 +111,6 @@ def _order(g: fx.Graph) -> dict:
 def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
     new, env = copy_graph_module(gm)
     g = new.graph
-    out_node, outs = output_values(g)
     preds = [add_placeholder(g, f"omni_pred_{k}", None) for k in range(len(spans))]
     res_phs = [[add_placeholder(g, f"omni_res_{safe_name(sp.name)}_{s.name}", _fake_like(s.input))
                 for s in sp.live_streams] for sp in spans]
@@ -97,6 +118,7 @@ def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
     repl: dict[fx.Node, fx.Node] = {}
     for k, sp in enumerate(spans):
         extra_out.extend(guard_span(new, env, repl, k, sp, preds[k], [res_phs[k]], "residual"))
+    out_node, outs = output_values(g)      # after the spans: a stream output may be a graph output
     set_outputs(out_node, outs + extra_out)
     g.eliminate_dead_code()
     g.lint()
@@ -110,6 +132,8 @@ def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pre
 
     ``kind="residual"``: ``state = [res]`` (one tensor per live stream); reuse returns
     ``in + res``; the new state is ``[out - in]`` (compute) or a copy of ``res`` (reuse).
+    ``in`` is the stream's base (:func:`stream_base`: its input plus this call's side
+    additions), computed in the main graph and passed to both branches.
 
     ``kind="window"``: ``state = [res_prev, res_last]`` and ``coeffs = (a, b)`` (0-d
     tensors); reuse returns ``in + a * res_prev + b * res_last`` (DiCache's trajectory
@@ -133,20 +157,24 @@ def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pre
             raise RewriteError("non_tensor_operand",
                                f"span reads the non-tensor value {a.name}; torch.cond needs tensors", sp.name)
     live = sp.live_streams
-    ins = [_resolve(repl, env[s.input]) for s in live]
     outs_sp = [env[s.output] for s in live]
-    for x in ins:
-        if x not in operands:
-            operands.append(x)
     flat_state = [t for group in state for t in group]
     extra = flat_state + list(coeffs)
-    true_gm = _branch(new, operands, extra, body, ins, outs_sp, compute=True, kind=kind)
-    false_gm = _branch(new, operands, extra, body, ins, outs_sp, compute=False, kind=kind)
+    order = _order(g)
+    anchor = max(body + [p for p in extra if p.op != "placeholder"], key=lambda n: order[n])
+    # the residual is taken against in + this call's side additions, computed outside the cond
+    bases = []
+    for s in live:
+        b, anchor = stream_base(g, env, repl, s, anchor)
+        bases.append(b)
+    for b in bases:
+        if b not in operands:
+            operands.append(b)
+    true_gm = _branch(new, operands, extra, body, bases, outs_sp, compute=True, kind=kind)
+    false_gm = _branch(new, operands, extra, body, bases, outs_sp, compute=False, kind=kind)
     tname, fname = f"omni_compute_{k}", f"omni_reuse_{k}"
     new.add_submodule(tname, true_gm)
     new.add_submodule(fname, false_gm)
-    order = _order(g)
-    anchor = max(body + [p for p in extra if p.op != "placeholder"], key=lambda n: order[n])
     with g.inserting_after(anchor):
         t_attr = g.get_attr(tname)
     with g.inserting_after(t_attr):

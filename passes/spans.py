@@ -13,12 +13,24 @@ Vocabulary (``passes/README.md`` has the invariants):
   that outside value and the produced one are the same stream, entering and leaving unit i.
 * **Side inputs** are the other outside values the units read (temb, rotary tables,
   masks); parameters are neither.
+* **Side additions** are values added into a stream *between* blocks: ``stream + side``
+  after a block, where ``side`` does not depend on the group's streams but changes from
+  call to call (it depends on a graph input: ControlNet residuals passed in, VACE hints
+  computed from the control input).  They are found at the end of each unit (the glue
+  after its block: the value the next unit reads is ``block output + side [+ side ...]``).
+  A side value mixed into a stream between blocks in any other way (a product, a
+  concatenation, an addition in the middle of a unit) is refused:
+  ``side_input_not_additive``; values computed from parameters only are constants and stay
+  part of the unit.
 * A **span** is a run of consecutive units of a group.  Its *stream inputs* enter its
   first unit, its *stream outputs* leave its last unit.  A span is cacheable when every
   value it exposes to the rest of the graph is a stream output with the shape and dtype of
-  its input (so ``out - in`` is a residual), or a side computation that does not depend on
-  any stream (kept in the main graph by the rewrite), and when it writes into no value
-  defined outside it.
+  its input, or a side computation that does not depend on any stream (kept in the main
+  graph by the rewrite), and when it writes into no value defined outside it.  Its residual
+  is ``out - base`` with ``base = in + side additions of its units`` (``Stream.adds``, in
+  graph order; ``base = in`` without them): a reuse returns ``base + residual`` with the
+  side values of *this* call, which the rewrite keeps computing (they are ``keep`` nodes or
+  lie outside the span) — a side input that changes per step is never replayed stale.
 
 Facts written: ``node.meta["omni.unit"] = (group, index)``, ``node.meta["omni.stream"]``
 on stream inputs/outputs of spans.
@@ -27,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import operator
 import re
 from typing import Optional
 
@@ -63,6 +76,11 @@ class Group:
     links: list[list[tuple[fx.Node, fx.Node]]]
     # last_outs: stream outputs of the last unit, aligned with links[-1] (None where dead)
     last_outs: list[Optional[fx.Node]]
+    # adds[i]: {stream input of unit i: side values added into that stream at the end of
+    # unit i, graph order}; empty lists are left out
+    adds: list[dict] = dataclasses.field(default_factory=list)
+    # nodes of the graph that may change from call to call (computed from a tensor input)
+    varying: set = dataclasses.field(default_factory=set, repr=False)
 
 
 @dataclasses.dataclass
@@ -72,6 +90,9 @@ class Stream:
     output: Optional[fx.Node]   # None: the stream is not read after the span
     shape: tuple
     dtype: torch.dtype
+    # side values added into the stream between the span's blocks (graph order): the
+    # residual is ``output - (input + sum(adds))`` and a reuse adds this call's values
+    adds: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -83,7 +104,8 @@ class Span:
     nodes: list[fx.Node]          # every node in the span's range, graph order
     streams: list[Stream]
     side_inputs: list[fx.Node]
-    keep: list[fx.Node]           # stream-independent nodes read after the span: stay outside
+    keep: list[fx.Node]           # stream-independent nodes read after the span or added into
+                                  # its streams (Stream.adds): stay outside
     flops: int
 
     @property
@@ -96,7 +118,8 @@ class Span:
             "nodes": len(self.nodes), "flops": self.flops,
             "streams": [{"name": s.name, "input": s.input.name,
                          "output": s.output.name if s.output is not None else None,
-                         "shape": list(s.shape), "dtype": str(s.dtype)} for s in self.streams],
+                         "shape": list(s.shape), "dtype": str(s.dtype),
+                         "adds": [a.name for a in s.adds]} for s in self.streams],
             "side_inputs": [n.name for n in self.side_inputs],
         }
 
@@ -152,6 +175,7 @@ def find_units(gm: fx.GraphModule, blocks: BlockAnalysis) -> tuple[list[Group], 
     order = {n: i for i, n in enumerate(nodes)}
     groups: list[Group] = []
     reasons: list[Reason] = []
+    varying = _varying(gm)
     for lists in _groups_of(blocks.lists, order):
         lead = lists[0]
         name = "+".join(bl.name for bl in lists)
@@ -204,11 +228,101 @@ def find_units(gm: fx.GraphModule, blocks: BlockAnalysis) -> tuple[list[Group], 
             elif not any(r.subject == name for r in reasons):
                 reasons.append(Reason("ambiguous_streams", "stream slots are not consistent between units", name))
             continue
-        # stream outputs of the last unit: counterparts of the previous unit's outputs
+        # side additions at the end of each unit; the stream outputs of the last unit are the
+        # counterparts of the previous unit's block outputs, followed past its own additions
+        adds: list[dict] = []
+        cores: list[Optional[fx.Node]] = []
+        for i in range(len(units) - 1):
+            dep = _dependents(units[i].nodes, {a for a, _ in links[i]})
+            found = {}
+            for k, (a, out) in enumerate(links[i]):
+                core, pairs = _peel_additions(out, dep, varying)
+                if pairs:
+                    found[a] = pairs
+                if i == len(units) - 2:
+                    cores.append(core)
+            adds.append(found)
         amap = _align(units[-2].nodes, units[-1].nodes)
-        last_outs = [amap.get(out) for _, out in links[-1]]
-        groups.append(Group(name, [bl.name for bl in lists], units, links, last_outs))
+        last_in = [b for _, b in links[-1]]
+        last_set = units[-1].node_set
+        dep = _dependents(units[-1].nodes, set(last_in))
+        last_outs: list[Optional[fx.Node]] = []
+        found = {}
+        for b, core in zip(last_in, cores):
+            out, pairs = _extend_additions(amap.get(core), last_set, dep, varying)
+            last_outs.append(out)
+            if pairs:
+                found[b] = pairs
+        adds.append(found)
+        groups.append(Group(name, [bl.name for bl in lists], units, links, last_outs, adds, varying))
     return groups, reasons
+
+
+def _varying(gm: fx.GraphModule) -> set:
+    """Nodes whose value may change from call to call: everything computed from a tensor
+    input that is not a parameter (sizes alone do not count; parameters are constants)."""
+    out: set = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if not is_param_placeholder(n) and isinstance(example_value(n), torch.Tensor):
+                out.add(n)
+        elif any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+def _dependents(nodes: list[fx.Node], sources: set) -> set:
+    """``sources`` and the nodes of ``nodes`` (graph order) computed from them."""
+    dep = set(sources)
+    for n in nodes:
+        if any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+def _side_addition(n: fx.Node, dep: set, varying: set) -> Optional[tuple[fx.Node, fx.Node]]:
+    """``(stream operand, side operand)`` when ``n`` is glue (outside every block) computing
+    ``stream + side`` — a plain out-of-place addition of a value that depends on no stream
+    but changes per call, giving the stream's shape and dtype — else None."""
+    if n.op not in ("call_function", "call_method") or "omni.block" in n.meta or n.kwargs:
+        return None
+    if not ((n.op == "call_function" and n.target in (operator.add, torch.add))
+            or (n.op == "call_method" and n.target == "add")) or len(n.args) != 2:
+        return None
+    a, b = n.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or (a in dep) == (b in dep):
+        return None
+    stream, side = (a, b) if a in dep else (b, a)
+    tm, ts, th = tensor_meta(n), tensor_meta(stream), tensor_meta(side)
+    if side not in varying or tm is None or ts is None or th is None or tm[:2] != ts[:2]:
+        return None
+    return stream, side
+
+
+def _peel_additions(out: fx.Node, dep: set, varying: set) -> tuple[fx.Node, list]:
+    """``out = core + s1 + s2 ...`` (side additions): the core and ``[(add node, side)]`` in
+    graph order."""
+    pairs = []
+    while True:
+        got = _side_addition(out, dep, varying)
+        if got is None:
+            return out, pairs[::-1]
+        pairs.append((out, got[1]))
+        out = got[0]
+
+
+def _extend_additions(core: Optional[fx.Node], inside: set, dep: set, varying: set) -> tuple[Optional[fx.Node], list]:
+    """Follow ``core`` forward through the side additions that read it inside the unit."""
+    pairs = []
+    cur = core
+    while cur is not None:
+        nxt = [u for u in cur.users if u in inside and _side_addition(u, dep, varying) is not None
+               and _side_addition(u, dep, varying)[0] is cur]
+        if len(nxt) != 1:
+            break
+        pairs.append((nxt[0], _side_addition(nxt[0], dep, varying)[1]))
+        cur = nxt[0]
+    return cur, pairs
 
 
 # ----------------------------------------------------------------------------- spans
@@ -228,17 +342,26 @@ def stream_inputs(group: Group, unit: int) -> list[fx.Node]:
 def follow_stream(group: Group, x: fx.Node, first: int, last: int) -> Optional[fx.Node]:
     """The value stream ``x`` (entering unit ``first``) has after unit ``last``, or None
     where it is not computed (a dead stream)."""
+    return _follow(group, x, first, last)[0]
+
+
+def _follow(group: Group, x: fx.Node, first: int, last: int) -> tuple[Optional[fx.Node], list]:
+    """:func:`follow_stream` and the ``(add node, side value)`` pairs added into the stream
+    on the way (graph order)."""
     n_units = len(group.units)
     cur: Optional[fx.Node] = x
+    pairs: list = []
     for i in range(first, last + 1):
         if cur is None:
-            return None
+            return None, pairs
+        if i < len(group.adds):
+            pairs += group.adds[i].get(cur, [])
         if i < n_units - 1:
             cur = dict(group.links[i]).get(cur)
         else:
             prev = [b for _, b in group.links[i - 1]]
             cur = group.last_outs[prev.index(cur)] if cur in prev else None
-    return cur
+    return cur, pairs
 
 
 def make_span(gm: fx.GraphModule, group: Group, first: int, last: int) -> tuple[Optional[Span], Optional[Reason]]:
@@ -248,7 +371,8 @@ def make_span(gm: fx.GraphModule, group: Group, first: int, last: int) -> tuple[
     if not (0 <= first <= last < n_units):
         return None, Reason("bad_span", f"units {first}..{last} outside 0..{n_units - 1}", label)
     ins = stream_inputs(group, first)
-    outs = [follow_stream(group, x, first, last) for x in ins]
+    followed = [_follow(group, x, first, last) for x in ins]
+    outs = [o for o, _ in followed]
     nodes = [n for u in group.units[first:last + 1] for n in u.nodes]
     inside = set(nodes)
     # which span nodes depend on a stream
@@ -257,10 +381,29 @@ def make_span(gm: fx.GraphModule, group: Group, first: int, last: int) -> tuple[
     for n in nodes:
         if any(a in in_set or a in dep for a in n.all_input_nodes):
             dep.add(n)
+    # side values enter the streams between blocks only as additions kept fresh on reuse
+    add_nodes = {a for o, pairs in followed if o is not None for a, _ in pairs}
+    sides = [h for o, pairs in followed if o is not None for _, h in pairs]
+    for h in sides:
+        if h in dep:
+            return None, Reason("side_input_in_span", f"side value {h.name} added into a stream between blocks "
+                                "is computed from the span's own streams", label)
+    for n in nodes:
+        if "omni.block" in n.meta or n not in dep or n in add_nodes:
+            continue
+        for a in n.all_input_nodes:
+            if (a not in dep and a not in in_set and a in group.varying
+                    and isinstance(example_value(a), torch.Tensor)):
+                what = getattr(n.target, "__name__", str(n.target))
+                return None, Reason(
+                    "side_input_not_additive",
+                    f"node {n.name} ({what}) mixes the per-call value {a.name} into a stream between blocks; "
+                    "only an addition `stream + side` after a block can be kept fresh when the span is "
+                    "reused", label)
     # what the span exposes
     exposed = [n for n in nodes if any(u not in inside for u in n.users)]
     live_out = {o for o in outs if o is not None}
-    keep: list[fx.Node] = []
+    keep: list[fx.Node] = [h for h in sides if h in inside]
     for n in exposed:
         if n in live_out:
             continue
@@ -286,7 +429,7 @@ def make_span(gm: fx.GraphModule, group: Group, first: int, last: int) -> tuple[
         if n.op in ("call_module",):
             return None, Reason("call_module", f"node {n.name} calls a module; expected a flattened graph", label)
     streams = []
-    for x, o in zip(ins, outs):
+    for x, (o, pairs) in zip(ins, followed):
         tm_in = tensor_meta(x)
         if tm_in is None:
             return None, Reason("non_tensor_stream", f"stream input {x.name} is not a tensor", label)
@@ -295,7 +438,8 @@ def make_span(gm: fx.GraphModule, group: Group, first: int, last: int) -> tuple[
             if tm_out is None or tm_out[:2] != tm_in[:2]:
                 return None, Reason("stream_shape_mismatch",
                                     f"stream {x.name} -> {o.name}: {tm_in[:2]} vs {tm_out and tm_out[:2]}", label)
-        streams.append(Stream(_stream_name(o if o is not None else x), x, o, tm_in[0], tm_in[1]))
+        streams.append(Stream(_stream_name(o if o is not None else x), x, o, tm_in[0], tm_in[1],
+                              [h for _, h in pairs] if o is not None else []))
     if not any(s.output is not None for s in streams):
         return None, Reason("no_live_stream", "no stream of the span is read after it", label)
     externals = _externals([n for n in nodes if n not in keep_set], inside - keep_set)

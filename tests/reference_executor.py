@@ -7,10 +7,13 @@ call.  :func:`replay` then runs each call again with ``torch.fx.Interpreter`` on
 each span with the textbook semantics of the residual cache:
 
 * computed: the span's nodes run; the cache of (model, generation, CFG slot, span) becomes
-  ``out - in`` of each live stream;
+  ``out - base`` of each live stream;
 * reused: the span's nodes are skipped (those it must keep run); each stream output is
-  ``in + cache``, the cache of the *same* model, generation and slot — a reuse with no such
+  ``base + cache``, the cache of the *same* model, generation and slot — a reuse with no such
   cache is an error of the runtime.
+
+``base`` is the stream's input plus the side values this call adds into it between the span's
+blocks (``Stream.adds``: ControlNet residuals, VACE hints), ``in`` where there are none.
 
 Every call's outputs must equal the recorded ones: a runtime that reuses another model's,
 generation's or slot's residual, or runs a decision other than the one it reports, fails.
@@ -122,19 +125,26 @@ class _Reference(fx.Interpreter):
                 self.skip |= {n for n in sp.nodes if n not in keep}
                 last = max(sp.nodes, key=lambda n: order[n])
                 self.reuse_at.setdefault(last, []).extend(
-                    (s.output, s.input, r) for s, r in zip(live, cache[sp.name]))
+                    (s.output, s, r) for s, r in zip(live, cache[sp.name]))
             else:
                 cache.pop(sp.name, None)
                 for i, s in enumerate(live):
-                    self.store_at[s.output] = (sp.name, i, len(live), s.input)
+                    self.store_at[s.output] = (sp.name, i, len(live), s)
+
+    def base(self, s):
+        """The stream's input plus this call's side values added into it inside the span."""
+        b = self.env[s.input]
+        for h in s.adds:
+            b = b + self.env[h]
+        return b
 
     def run_node(self, n):
         out = None if n in self.skip else super().run_node(n)
-        for o, x, r in self.reuse_at.get(n, []):
-            self.env[o] = self.env[x] + r
+        for o, s, r in self.reuse_at.get(n, []):
+            self.env[o] = self.base(s) + r
             if o is n:
                 out = self.env[o]
         if n in self.store_at:
-            name, i, count, x = self.store_at[n]
-            self.cache.setdefault(name, [None] * count)[i] = out - self.env[x]
+            name, i, count, s = self.store_at[n]
+            self.cache.setdefault(name, [None] * count)[i] = out - self.base(s)
         return out

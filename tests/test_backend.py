@@ -390,3 +390,40 @@ def test_state_is_fed_back_in_the_layout_it_was_compiled_for(monkeypatch, policy
         for t in ts:
             fn(x, torch.tensor([t]))
     assert oc.report().hit_rate > 0
+
+
+class _Bare(torch.nn.Module):
+    """Blocks whose last output is itself the graph output (no norm or projection after them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(),
+                                                              torch.nn.Linear(16, 8)) for _ in range(3))
+
+    def forward(self, x, timestep):
+        h = x * (1 + torch.sin(timestep).reshape(-1, 1, 1))
+        for b in self.blocks:
+            h = h + b(h)
+        return h
+
+
+@pytest.mark.parametrize("policy", [dict(policy="static", interval=2, warmup=1, guard="variants"),
+                                    dict(policy="static", interval=2, warmup=1, guard="cond"),
+                                    dict(policy="probe", threshold=10.0, align=False)],
+                         ids=["variants", "cond", "probe"])
+def test_a_stream_output_that_is_the_graph_output_is_reused(policy):
+    """The rewrite used to re-read the graph's outputs from before it replaced the span's
+    stream output, so a 'reused' step whose stream output is the model's output ran every block
+    (and returned the uncached value) — the reference replay shows the difference."""
+    from reference_executor import Recorder, replay_all
+    torch.manual_seed(0)
+    model = _Bare().eval()
+    x = torch.randn(2, 6, 8)
+    oc = OmniCache(inner_backend="eager", **policy)
+    rec = Recorder(oc)
+    fn = torch.compile(model, backend=rec, fullgraph=True)
+    ts = [1.0, 0.8, 0.6, 0.4, 0.2]
+    with torch.no_grad(), omnicompile.generation(timesteps=ts):
+        for t in ts:
+            x = x - 0.1 * fn(x, torch.tensor([t]))
+    assert replay_all(rec)["reused"] > 0

@@ -26,6 +26,9 @@ EXPECTED = {
              [("transformer_blocks[0:2]", 2), ("single_transformer_blocks[0:2]", 1)], set()),
     "sd3": ([("transformer_blocks", 2)], [("transformer_blocks[0:2]", 2)], {"partial_list"}),
     "wan": ([("blocks", 2)], [("blocks[0:2]", 1)], set()),
+    # the control branch computes hints (not streams: nothing flows from VACE block 0's input
+    # projection to block 1); the hints added after blocks 0 and 2 are side additions
+    "wan_vace": ([("vace_blocks", 2), ("blocks", 4)], [("blocks[0:4]", 1)], {"no_streams"}),
     "latte": ([("transformer_blocks", 2), ("temporal_transformer_blocks", 2)],
               [("transformer_blocks+temporal_transformer_blocks[0:2]", 1)], set()),
     "dit": ([("transformer_blocks", 2)], [("transformer_blocks[0:2]", 1)], set()),

@@ -80,7 +80,8 @@ def _is_symbol(d) -> bool:
 
 def span_reports(spans: Sequence) -> list[SpanReport]:
     return [SpanReport(s.name, s.last_unit - s.first_unit + 1, [st.name for st in s.live_streams],
-                       [n.name for n in s.side_inputs], s.flops) for s in spans]
+                       [n.name for n in s.side_inputs], s.flops,
+                       [f"{st.name} += {h.name}" for st in s.live_streams for h in st.adds]) for s in spans]
 
 
 @dataclasses.dataclass
