@@ -159,7 +159,8 @@ class OmniCache:
                         "the inner backend's defaults", mode)
         policy = make_policy(cfg)
         report = GraphReport(graph_id=next(self._ids), nodes=len(gm.graph.nodes), cached=False,
-                             policy=policy.describe(), inner_backend=cfg.inner_backend)
+                             policy=policy.describe(), inner_backend=cfg.inner_backend,
+                             report_generations=cfg.report_generations)
         inner = inner_compiler(cfg.inner_backend)
         found: dict = {}                 # the analysis results, for the dump
         try:

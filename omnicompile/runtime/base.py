@@ -340,7 +340,7 @@ class Runtime(abc.ABC):
                signals: Optional[dict] = None) -> None:
         self.report.cache_bytes = self.held_bytes()
         t = call.timestep if call.timestep is not None else float("nan")
-        self.report.steps.append(StepRecord(call.generation, call.step, call.slot, t, decisions, flops_saved,
+        self.report.add_step(StepRecord(call.generation, call.step, call.slot, t, decisions, flops_saved,
                                             list(forced), signals or {}, call.model, call.place.why))
 
     def held_bytes(self) -> int:
