@@ -88,6 +88,8 @@ class RuntimeContext:
     """What a policy gets to build its runtime from (one compiled graph)."""
 
     gm: fx.GraphModule                  # Dynamo's graph (never mutated)
+    #: Dynamo's example inputs; the runtime replaces them with fake tensors (Runtime.example_inputs)
+    #: so that nothing keeps the model's parameters alive
     example_inputs: list
     blocks: Any                         # omnicompile.passes.blocks.BlockAnalysis
     analysis: Any                       # omnicompile.passes.spans.SpanAnalysis
