@@ -128,10 +128,10 @@ def worker(method: str, args) -> dict:
         report = cache.report()
         # per generation (0-based, per graph): fraction of the FLOPs omnicache skipped
         saved, total = {}, {}
-        for g in report.graphs:
-            for r in g.steps:
+        for g in report.graphs:           # (the generation log's totals: exact for every generation)
+            for r in g.generation_log:
                 saved[r.generation] = saved.get(r.generation, 0) + r.flops_saved
-                total[r.generation] = total.get(r.generation, 0) + g.flops_per_call
+                total[r.generation] = total.get(r.generation, 0) + g.flops_per_call * r.calls
         out["flops_saved_fraction"] = [saved[k] / total[k] if total[k] else 0.0 for k in sorted(total)]
         out["plans"] = [[rec.plan for rec in g.generation_log] for g in report.graphs]
         out["graphs"] = [{"graph_id": g.graph_id, "cached": g.cached, "guard": g.guard,

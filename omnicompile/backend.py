@@ -167,7 +167,8 @@ class OmniCache:
             if per_shape is not None:
                 return per_shape
         report = GraphReport(graph_id=next(self._ids), nodes=len(gm.graph.nodes), cached=False,
-                             policy=policy.describe(), inner_backend=cfg.inner_backend)
+                             policy=policy.describe(), inner_backend=cfg.inner_backend,
+                             report_generations=cfg.report_generations)
         inner = inner_compiler(cfg.inner_backend)
         found: dict = {}                 # the analysis results, for the dump
         try:

@@ -58,6 +58,10 @@ class OmniCacheConfig:
     inner_backend: str = "inductor"
     #: write graphs and plans here (also OMNICACHE_DUMP_DIR)
     dump_dir: Optional[str] = None
+    #: the report keeps per-call detail (``GraphReport.steps``) for the last this many
+    #: generations of each graph; its totals (calls, span decisions, FLOPs saved, ...) count
+    #: every call
+    report_generations: int = 8
     #: trajectory: fraction of all steps reused (OmniCache; presets trajectory-slow /
     #: trajectory-fast pick 0.5 / 0.7 when this is left at its default)
     budget: float = 0.4
@@ -198,6 +202,10 @@ class OmniCacheConfig:
             raise ConfigError(e.field, e.value, e.allowed) from None
         if not isinstance(self.strict, bool):
             raise ConfigError("strict", self.strict, "must be True or False")
+        _check_type("report_generations", self.report_generations, int)
+        if self.report_generations < 1:
+            raise ConfigError("report_generations", self.report_generations,
+                              "must be an integer >= 1 (generations kept in detail in the report)")
         _check_choice("guard", self.guard, GUARDS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if self.dump_dir is not None:

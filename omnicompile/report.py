@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 from typing import Any, Optional, Sequence
 
 from omnicompile.passes.common import Reason
@@ -42,6 +43,12 @@ __all__ = ["SpanReport", "StepRecord", "GenerationRecord", "GraphReport", "Repor
 PERCENTILES = (50, 90, 99)
 #: generations kept in ``GraphReport.generation_log``
 MAX_GENERATIONS = 256
+#: generations whose calls ``GraphReport.steps`` keeps in detail, by default (the option
+#: ``report_generations``); older calls are counted in ``GraphReport.dropped`` only
+DETAIL_GENERATIONS = 8
+#: at most this many detailed calls per kept generation (a stream that never starts a new
+#: generation still has bounded detail)
+DETAIL_CALLS_PER_GENERATION = 256
 
 _MARK = {"computed": "C", "reused": "R"}
 
@@ -88,6 +95,9 @@ class GenerationRecord:
     plan: str = ""
     #: the generation context it ran in (its id: one per pipeline call), None without one
     context: Optional[int] = None
+    #: its calls so far and the FLOPs they saved (exact, whatever ``GraphReport.steps`` keeps)
+    calls: int = 0
+    flops_saved: int = 0
 
 
 @dataclasses.dataclass
@@ -121,25 +131,127 @@ class GraphReport:
     specialised: bool = False
     #: the generations, most recent last (at most MAX_GENERATIONS kept)
     generation_log: list[GenerationRecord] = dataclasses.field(default_factory=list)
+    #: ``steps`` keeps the calls of the last this many generations (at most
+    #: DETAIL_CALLS_PER_GENERATION calls each); older calls move into ``dropped``
+    report_generations: int = DETAIL_GENERATIONS
+    #: the calls no longer in ``steps``, aggregated: ``calls``, ``generations`` (whose detail is
+    #: gone entirely), ``computed`` / ``reused`` span decisions, ``flops_saved``,
+    #: ``uncertain_calls`` and the first one's reason ``uncertain_first``, and per signal
+    #: ``count`` / ``sum`` / ``min`` / ``max``.  The totals (``calls``, ``span_decisions``,
+    #: ``flops_saved``, ...) add them to the detail: they stay exact however long the graph runs.
+    dropped: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self._index_of = None          # (steps list, its length) the generation index was built for
+        self._gens: dict[int, int] = {}  # generation -> its calls in ``steps``, oldest first
+        self._lock = threading.Lock()  # runtimes record from every thread that calls the model
+
+    def __getstate__(self):            # (copy / pickle: the fields only)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__post_init__()
 
     def add_generation(self, rec: GenerationRecord) -> None:
         self.generation_log.append(rec)
         del self.generation_log[:-MAX_GENERATIONS]
 
+    def add_step(self, rec: StepRecord) -> None:
+        """Record one call: kept in detail; the oldest generation's calls (beyond
+        ``report_generations``, or beyond DETAIL_CALLS_PER_GENERATION calls per kept generation)
+        move into the ``dropped`` aggregates."""
+        with self._lock:
+            self._add_step(rec)
+
+    def _add_step(self, rec: StepRecord) -> None:
+        for g in reversed(self.generation_log):       # its generation's running totals
+            if g.generation == rec.generation:
+                g.calls += 1
+                g.flops_saved += rec.flops_saved
+                break
+        gens = self._generation_index()
+        self.steps.append(rec)
+        gens[rec.generation] = gens.get(rec.generation, 0) + 1
+        keep = max(1, int(self.report_generations))
+        if len(gens) > keep:
+            old = next(iter(gens))
+            gone = [r for r in self.steps if r.generation == old]
+            self.steps[:] = [r for r in self.steps if r.generation != old]
+            del gens[old]
+            self._drop(gone, whole=True)
+        cap = keep * DETAIL_CALLS_PER_GENERATION
+        if len(self.steps) > cap:
+            gone = self.steps[:len(self.steps) - cap]
+            del self.steps[:len(gone)]
+            for r in gone:
+                gens[r.generation] -= 1
+                if not gens[r.generation]:
+                    del gens[r.generation]
+            self._drop(gone, whole=False)
+        self._index_of = (self.steps, len(self.steps))
+
+    def _generation_index(self) -> dict:
+        if self._index_of is None or self._index_of[0] is not self.steps or self._index_of[1] != len(self.steps):
+            self._gens = {}
+            for r in self.steps:
+                self._gens[r.generation] = self._gens.get(r.generation, 0) + 1
+        return self._gens
+
+    def _drop(self, records: Sequence[StepRecord], whole: bool) -> None:
+        d = self.dropped
+        if not records:
+            return
+        for k in ("calls", "generations", "computed", "reused", "flops_saved", "uncertain_calls"):
+            d.setdefault(k, 0)
+        d["calls"] += len(records)
+        d["generations"] += int(whole)
+        signals = d.setdefault("signals", {})
+        for r in records:
+            vs = list(r.decisions.values())
+            d["computed"] += sum(v == "computed" for v in vs)
+            d["reused"] += sum(v == "reused" for v in vs)
+            d["flops_saved"] += r.flops_saved
+            if r.uncertain:
+                d["uncertain_calls"] += 1
+                d.setdefault("uncertain_first", r.uncertain)
+            for name, v in r.signals.items():
+                if v is None or not math.isfinite(float(v)):
+                    continue
+                v = float(v)
+                st = signals.get(name)
+                if st is None:
+                    signals[name] = {"count": 1, "sum": v, "min": v, "max": v}
+                else:
+                    st["count"] += 1
+                    st["sum"] += v
+                    st["min"] = min(st["min"], v)
+                    st["max"] = max(st["max"], v)
+
+    @property
+    def dropped_calls(self) -> int:
+        """Calls counted in the totals whose detail is no longer in ``steps``."""
+        return int(self.dropped.get("calls", 0))
+
     @property
     def uncertain_calls(self) -> int:
         """Calls that could not be placed with certainty (each computed every span)."""
-        return sum(1 for r in self.steps if r.uncertain)
+        return int(self.dropped.get("uncertain_calls", 0)) + sum(1 for r in self.steps if r.uncertain)
+
+    @property
+    def first_uncertain(self) -> str:
+        """Why the first uncertain call was uncertain ("" if none)."""
+        return self.dropped.get("uncertain_first") or next((r.uncertain for r in self.steps if r.uncertain), "")
 
     @property
     def calls(self) -> int:
-        return len(self.steps)
+        return self.dropped_calls + len(self.steps)
 
     @property
     def span_decisions(self) -> tuple[int, int]:
         computed = sum(v == "computed" for r in self.steps for v in r.decisions.values())
         reused = sum(v == "reused" for r in self.steps for v in r.decisions.values())
-        return computed, reused
+        return computed + int(self.dropped.get("computed", 0)), reused + int(self.dropped.get("reused", 0))
 
     @property
     def hit_rate(self) -> float:
@@ -148,7 +260,8 @@ class GraphReport:
 
     @property
     def flops_saved(self) -> int:
-        return sum(r.flops_saved for r in self.steps) + int(self.token_cache.get("flops_saved", 0))
+        return (sum(r.flops_saved for r in self.steps) + int(self.dropped.get("flops_saved", 0))
+                + int(self.token_cache.get("flops_saved", 0)))
 
     @property
     def flops_saved_fraction(self) -> float:
@@ -193,19 +306,24 @@ class GraphReport:
     def signal_stats(self, percentiles: Sequence[float] = PERCENTILES) -> dict[str, dict]:
         """Statistics of every signal recorded in ``StepRecord.signals``:
         ``{name: {"count", "mean", "min", "p50", "p90", "p99", "max"}}`` (non-finite
-        values are left out)."""
+        values are left out).  ``count``, ``mean``, ``min`` and ``max`` cover every call; the
+        percentiles the calls kept in detail (``steps``; NaN when none of them has the signal)."""
         values: dict[str, list[float]] = {}
         for r in self.steps:
             for k, v in r.signals.items():
                 if v is not None and math.isfinite(float(v)):
                     values.setdefault(k, []).append(float(v))
+        old = self.dropped.get("signals", {})
         out = {}
-        for k, vs in values.items():
-            vs.sort()
-            st = {"count": len(vs), "mean": sum(vs) / len(vs), "min": vs[0]}
+        for k in list(old) + [k for k in values if k not in old]:
+            vs = sorted(values.get(k, []))
+            o = old.get(k, {"count": 0, "sum": 0.0, "min": math.inf, "max": -math.inf})
+            count = len(vs) + int(o["count"])
+            st = {"count": count, "mean": (sum(vs) + float(o["sum"])) / count,
+                  "min": min(vs[:1] + [float(o["min"])])}
             for p in percentiles:
-                st[f"p{p:g}"] = percentile(vs, p, presorted=True)
-            st["max"] = vs[-1]
+                st[f"p{p:g}"] = percentile(vs, p, presorted=True) if vs else math.nan
+            st["max"] = max(vs[-1:] + [float(o["max"])])
             out[k] = st
         return out
 
@@ -219,6 +337,7 @@ class GraphReport:
                 "flops_saved_fraction": self.flops_saved_fraction, "cache_bytes": self.cache_bytes,
                 "models": self.models, "uncertain_calls": self.uncertain_calls,
                 "compiled_graphs": self.compiled_graphs, "compile_seconds": self.compile_seconds,
+                "detail_dropped_calls": self.dropped_calls,
                 "fallback": self.fallback.to_dict() if self.fallback else None}
 
     # ------------------------------------------------------------------ export
@@ -291,9 +410,10 @@ class GraphReport:
                 lines += ["generations:", ""] + [f"- {r.generation + 1}: {_md(_generation_text(r, g.models))}"
                                                  for r in g.generation_log[-8:]] + [""]
             if g.uncertain_calls:
-                why = next(r.uncertain for r in g.steps if r.uncertain)
                 lines += [f"{g.uncertain_calls} call(s) could not be placed with certainty and computed every "
-                          f"span (first: {_md(why)})", ""]
+                          f"span (first: {_md(g.first_uncertain)})", ""]
+            if g.dropped_calls:
+                lines += [_md(_dropped_text(g)), ""]
             lines += [f"calls {g.calls} in {g.generations} generation(s); span decisions computed {c}, "
                       f"reused {u} (hit rate {g.hit_rate:.1%}); FLOPs saved {g.flops_saved_fraction:.1%} "
                       f"({g.flops_saved / 1e6:.3f} MFLOP); cache held {_bytes(g.cache_bytes)}", ""]
@@ -447,9 +567,10 @@ class Report:
                     lines.append(f"  {r.generation + 1:>3} {r.step:>4} {r.slot:>4} {r.timestep:>9.4f}  {marks}")
                 c, u = g.span_decisions
                 if g.uncertain_calls:
-                    why = next(r.uncertain for r in g.steps if r.uncertain)
                     lines.append(f"  {g.uncertain_calls} call(s) could not be placed with certainty and computed "
-                                 f"every span (first: {why})")
+                                 f"every span (first: {g.first_uncertain})")
+                if g.dropped_calls:
+                    lines.append("  " + _dropped_text(g))
                 lines.append(f"  compiled {g.compiled_graphs} rewritten graph(s) in {g.compile_seconds:.1f} s")
                 lines.append(f"  calls {g.calls}, span decisions computed {c} / reused {u} "
                              f"(hit rate {g.hit_rate:.1%}), FLOPs saved {g.flops_saved_fraction:.1%}, "
@@ -486,6 +607,12 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     return str(obj)
+
+
+def _dropped_text(g: GraphReport) -> str:
+    gens = int(g.dropped.get("generations", 0))
+    return (f"detail kept for the last {g.report_generations} generation(s): {g.dropped_calls} earlier call(s)"
+            + (f" ({gens} generation(s))" if gens else "") + " are counted in the totals only")
 
 
 def _generation_text(r: GenerationRecord, models: int) -> str:

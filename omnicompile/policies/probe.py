@@ -12,8 +12,11 @@ batch's mean error says so); CFG run as separate calls keeps a separate probe st
 
 :class:`ProbeRuntime` keeps the probe state per CFG slot and passes the host's force flag;
 the graph takes ``(*orig, force, *state)`` and returns ``(*orig_out, *state', reuse, err,
-gamma)``.  The records (device tensors) are read back only in ``flush()`` (when the report is
-read), so the step loop never syncs on them.
+gamma)``.  The records (device tensors) are not read in the step loop: they wait in
+``pending`` and are read back in ``flush()`` — when the report is read, when a new generation
+starts (the previous one's work is queued by then: one sync per generation), and whenever
+``MAX_PENDING`` calls are waiting (a stream that never starts a new generation) — so the
+device memory they hold stays bounded however many calls run.
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ from omnicompile.registry import register_policy
 from omnicompile.report import StepRecord
 from omnicompile.runtime.base import Runtime
 
-__all__ = ["ProbePolicy", "ProbeRuntime"]
+__all__ = ["ProbePolicy", "ProbeRuntime", "MAX_PENDING"]
+
+#: calls whose device records may wait unread (``ProbeRuntime.pending``) before they are read
+MAX_PENDING = 256
 
 
 @register_policy("probe")
@@ -85,19 +91,25 @@ class ProbeRuntime(Runtime):
         call.slots[call.slot] = [t.contiguous() for t in outs[self.n_out:self.n_out + n_state]]
         records = outs[self.n_out + n_state:]
         self.pending.append((call.place, call.timestep, bool(force), records))   # not the session: no caches kept
+        if len(self.pending) >= MAX_PENDING:
+            self.flush()
         self.report.cache_bytes = self.held_bytes()
         return tuple(outs[:self.n_out])
 
+    def generation_started(self, call) -> None:
+        self.flush()                 # the earlier generations' records first (one sync per generation)
+        super().generation_started(call)
+
     def flush(self) -> None:
-        for place, t, force, records in self.pending:
+        pending, self.pending = self.pending, []
+        for place, t, force, records in pending:
             reuse = bool(records[0]) and not force
             signals = {} if force else {"error": float(records[1]), "gamma": float(records[2])}
-            self.report.steps.append(StepRecord(
+            self.report.add_step(StepRecord(
                 place.generation, place.step, place.slot, t if t is not None else float("nan"),
                 {sp.name: ("reused" if reuse else "computed") for sp in self.spans},
                 sum(sp.flops for sp in self.spans) if reuse else 0, signals=signals, model=place.model,
                 uncertain=place.why))
-        self.pending.clear()
 
     def preview(self, steps: int) -> Preview:
         rows = []

@@ -89,6 +89,8 @@ class RuntimeContext:
     """What a policy gets to build its runtime from (one compiled graph)."""
 
     gm: fx.GraphModule                  # Dynamo's graph (never mutated)
+    #: Dynamo's example inputs; the runtime replaces them with fake tensors (Runtime.example_inputs)
+    #: so that nothing keeps the model's parameters alive
     example_inputs: list
     blocks: Any                         # omnicompile.passes.blocks.BlockAnalysis
     analysis: Any                       # omnicompile.passes.spans.SpanAnalysis
@@ -155,7 +157,6 @@ class Runtime(abc.ABC):
     def __init__(self, ctx: RuntimeContext, spans: Sequence):
         self.ctx = ctx
         self.gm = ctx.gm
-        self.example_inputs = list(ctx.example_inputs)
         self.config = ctx.config
         self.report = ctx.report
         self.compile_fn = ctx.compile_fn
@@ -177,6 +178,16 @@ class Runtime(abc.ABC):
                 for k, d in enumerate(ev.shape):
                     if isinstance(d, torch.SymInt) and _is_symbol(d):
                         self._symbols.append((i, k, d.node.expr))
+        real = list(ctx.example_inputs)
+        #: the concrete sizes of the example inputs (None for a non-tensor input)
+        self.input_sizes: list = [tuple(int(d) for d in x.shape) if isinstance(x, torch.Tensor) else None
+                                  for x in real]
+        #: what the inner compiler gets as the graph's example inputs: fake tensors (Dynamo's
+        #: ``example_value`` of each placeholder), never the real tensors — those are the model's
+        #: parameters and the caller's inputs, which a runtime must not keep alive
+        self.example_inputs = [self._metadata(n, x) for n, x in zip(placeholders, real)]
+        ctx.example_inputs = self.example_inputs
+        del real
         out = next(n for n in self.gm.graph.nodes if n.op == "output")
         val = out.args[0]
         self.n_out = len(val) if isinstance(val, (tuple, list)) else 1
@@ -194,6 +205,21 @@ class Runtime(abc.ABC):
                     break
         self.spans: list = []
         self.set_spans(spans)
+
+    def _metadata(self, node: fx.Node, x):
+        """The example input ``x`` of placeholder ``node`` as metadata: a fake tensor of the same
+        shape, strides, dtype and device (Dynamo's own ``example_value`` where the placeholder has
+        one; a hand-built graph's real example is converted once); a non-tensor input as it is."""
+        from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+        if not isinstance(x, torch.Tensor) or isinstance(x, FakeTensor):
+            return x
+        ev = node.meta.get("example_value")
+        if isinstance(ev, FakeTensor) and ev.dtype == x.dtype and ev.dim() == x.dim():
+            return ev
+        mode = self._fake_mode or getattr(self, "_own_fake_mode", None)
+        if mode is None:
+            mode = self._own_fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        return mode.from_tensor(x, static_shapes=True)
 
     # ------------------------------------------------------------------ spans and graphs
     def set_spans(self, spans: Sequence) -> None:
@@ -317,7 +343,7 @@ class Runtime(abc.ABC):
                signals: Optional[dict] = None) -> None:
         self.report.cache_bytes = self.held_bytes()
         t = call.timestep if call.timestep is not None else float("nan")
-        self.report.steps.append(StepRecord(call.generation, call.step, call.slot, t, decisions, flops_saved,
+        self.report.add_step(StepRecord(call.generation, call.step, call.slot, t, decisions, flops_saved,
                                             list(forced), signals or {}, call.model, call.place.why))
 
     def held_bytes(self) -> int:

@@ -6,8 +6,9 @@ State is kept per *session*: one model in one generation stream.
 * **The model** is told by the parameters the graph receives: Dynamo hands two instances of
   one class the same graph with their own parameter tensors as inputs, so a session is keyed
   by the identity of the first parameter input (held by a weak reference: a model deleted and
-  another allocated at the same address never inherits its state).  Graphs without parameter
-  inputs belong to one model.
+  another allocated at the same address never inherits its state; when that parameter is freed,
+  the model's sessions and their caches are dropped).  Graphs without parameter inputs belong
+  to one model.
 * **The stream** is the generation context (:mod:`omnicompile.generation`) when the call runs
   inside one — one session per (model, context), so a new context is always a fresh cache —
   else the calling thread: two threads never share a cache.
@@ -219,6 +220,7 @@ class Sessions:
         self._model_ids: dict[int, int] = {}
         self._sessions: dict[tuple, Session] = {}
         self._generations = 0
+        self._dead: list[int] = []       # models whose parameters were freed (sessions to drop)
 
     # ------------------------------------------------------------------ models
     def model_of(self, args) -> int:
@@ -229,11 +231,11 @@ class Sessions:
             k = self._model_ids.get(id(p))
             if k is not None and self._models[k]() is p:
                 return k
+            k = len(self._models)
             try:
-                ref = weakref.ref(p)
+                ref = weakref.ref(p, _on_model_freed(weakref.ref(self), k))
             except TypeError:       # pragma: no cover - every tensor supports weak references
                 return 0
-            k = len(self._models)
             self._models.append(ref)
             self._model_ids[id(p)] = k
             return k
@@ -242,9 +244,28 @@ class Sessions:
     def models(self) -> int:
         return len(self._models)
 
+    def model_freed(self, k: int) -> None:
+        """Model ``k``'s parameter was freed: drop its sessions (their caches), now if no other
+        thread holds the lock (a weakref callback runs wherever the collector runs), else on
+        the next placement."""
+        self._dead.append(k)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._prune()
+            finally:
+                self._lock.release()
+
+    def _prune(self) -> None:
+        while self._dead:
+            k = self._dead.pop()
+            self._model_ids = {i: m for i, m in self._model_ids.items() if m != k}
+            for key in [key for key in self._sessions if key[0] == k]:
+                del self._sessions[key]
+
     # ------------------------------------------------------------------ sessions
     def _session(self, key: tuple, model: int) -> Session:
         with self._lock:
+            self._prune()
             s = self._sessions.get(key)
             if s is None:
                 self._drop_closed()          # a new stream: forget the caches of closed contexts
@@ -266,6 +287,7 @@ class Sessions:
 
     def all(self) -> list[Session]:
         with self._lock:
+            self._prune()
             return list(self._sessions.values())
 
     def reset(self) -> None:
@@ -369,6 +391,15 @@ class Sessions:
         sess.seen.add(t)
         sess.calls_here = 1
         return step + 1, 0
+
+
+def _on_model_freed(sessions_ref: weakref.ref, k: int):
+    """The weakref callback of model ``k``'s parameter (holds the sessions weakly)."""
+    def freed(_):
+        sessions = sessions_ref()
+        if sessions is not None:
+            sessions.model_freed(k)
+    return freed
 
 
 class _ThreadKey:

@@ -8,6 +8,7 @@ noise ``q`` a reuse would have made: before a run of reuses and while calibratin
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -34,7 +35,7 @@ class TrajectoryRuntime(Runtime):
         self.fingerprint = graph_fingerprint(gm)
         self.out_float = float_outputs(gm)
         self.latent_index = self._find_latent(gm, ctx.analysis)
-        self.latent_shape = list(self.example_inputs[self.latent_index].shape)
+        self.latent_shape = list(self.input_sizes[self.latent_index])
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         ev = placeholders[self.latent_index].meta.get("example_value")
         self.symbolic_latent = ev is not None and not all(isinstance(d, int) for d in ev.shape)
@@ -107,7 +108,7 @@ class TrajectoryRuntime(Runtime):
                 anc.add(n)
                 stack.extend(n.all_input_nodes)
         cands = [i for i in floats if placeholders[i] in anc] or floats
-        return max(cands, key=lambda i: self.example_inputs[i].numel())
+        return max(cands, key=lambda i: math.prod(self.input_sizes[i]))
 
     # ---------------------------------------------------------------- calibration
     def check_calibration(self, cal: Calibration) -> None:
