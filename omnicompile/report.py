@@ -71,6 +71,9 @@ class StepRecord:
     model: int = 0
     #: why the call could not be placed with certainty (it computed every span), else ""
     uncertain: str = ""
+    #: spans the policy wanted to reuse but computed because their cached state (residual, the
+    #: trajectory's correction, the probe's state) was not finite: never replayed
+    nonfinite: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -124,6 +127,12 @@ class GraphReport:
     def uncertain_calls(self) -> int:
         """Calls that could not be placed with certainty (each computed every span)."""
         return sum(1 for r in self.steps if r.uncertain)
+
+    @property
+    def nonfinite_recomputes(self) -> int:
+        """Calls that computed a span the policy wanted to reuse because its cached state was
+        not finite (NaN or infinity: never replayed)."""
+        return sum(1 for r in self.steps if r.nonfinite)
 
     @property
     def calls(self) -> int:
@@ -212,7 +221,7 @@ class GraphReport:
                 "flops_per_call": self.flops_per_call, "flops_saved": self.flops_saved,
                 "flops_saved_fraction": self.flops_saved_fraction, "cache_bytes": self.cache_bytes,
                 "models": self.models, "uncertain_calls": self.uncertain_calls,
-                "compiled_graphs": self.compiled_graphs, "compile_seconds": self.compile_seconds,
+                "nonfinite_recomputes": self.nonfinite_recomputes, "compiled_graphs": self.compiled_graphs, "compile_seconds": self.compile_seconds,
                 "fallback": self.fallback.to_dict() if self.fallback else None}
 
     # ------------------------------------------------------------------ export
@@ -288,6 +297,10 @@ class GraphReport:
                 why = next(r.uncertain for r in g.steps if r.uncertain)
                 lines += [f"{g.uncertain_calls} call(s) could not be placed with certainty and computed every "
                           f"span (first: {_md(why)})", ""]
+            if g.nonfinite_recomputes:
+                first = next(r for r in g.steps if r.nonfinite)
+                lines += [f"{g.nonfinite_recomputes} call(s) computed instead of reusing a cache that was not finite "
+                          f"(NaN/inf; first: step {first.step}, {_md(', '.join(first.nonfinite))})", ""]
             lines += [f"calls {g.calls} in {g.generations} generation(s); span decisions computed {c}, "
                       f"reused {u} (hit rate {g.hit_rate:.1%}); FLOPs saved {g.flops_saved_fraction:.1%} "
                       f"({g.flops_saved / 1e6:.3f} MFLOP); cache held {_bytes(g.cache_bytes)}", ""]
@@ -440,6 +453,10 @@ class Report:
                     why = next(r.uncertain for r in g.steps if r.uncertain)
                     lines.append(f"  {g.uncertain_calls} call(s) could not be placed with certainty and computed "
                                  f"every span (first: {why})")
+                if g.nonfinite_recomputes:
+                    first = next(r for r in g.steps if r.nonfinite)
+                    lines.append(f"  {g.nonfinite_recomputes} call(s) computed instead of reusing a cache that was not "
+                                 f"finite (NaN/inf; first: step {first.step}, {', '.join(first.nonfinite)})")
                 lines.append(f"  compiled {g.compiled_graphs} rewritten graph(s) in {g.compile_seconds:.1f} s")
                 lines.append(f"  calls {g.calls}, span decisions computed {c} / reused {u} "
                              f"(hit rate {g.hit_rate:.1%}), FLOPs saved {g.flops_saved_fraction:.1%}, "
