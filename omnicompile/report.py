@@ -81,6 +81,9 @@ class StepRecord:
     model: int = 0
     #: why the call could not be placed with certainty (it computed every span), else ""
     uncertain: str = ""
+    #: spans the policy wanted to reuse but computed because their cached state (residual, the
+    #: trajectory's correction, the probe's state) was not finite: never replayed
+    nonfinite: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -202,7 +205,7 @@ class GraphReport:
         d = self.dropped
         if not records:
             return
-        for k in ("calls", "generations", "computed", "reused", "flops_saved", "uncertain_calls"):
+        for k in ("calls", "generations", "computed", "reused", "flops_saved", "uncertain_calls", "nonfinite"):
             d.setdefault(k, 0)
         d["calls"] += len(records)
         d["generations"] += int(whole)
@@ -215,6 +218,9 @@ class GraphReport:
             if r.uncertain:
                 d["uncertain_calls"] += 1
                 d.setdefault("uncertain_first", r.uncertain)
+            if r.nonfinite:
+                d["nonfinite"] += 1
+                d.setdefault("nonfinite_first", f"step {r.step}, {', '.join(r.nonfinite)}")
             for name, v in r.signals.items():
                 if v is None or not math.isfinite(float(v)):
                     continue
@@ -242,6 +248,19 @@ class GraphReport:
     def first_uncertain(self) -> str:
         """Why the first uncertain call was uncertain ("" if none)."""
         return self.dropped.get("uncertain_first") or next((r.uncertain for r in self.steps if r.uncertain), "")
+
+    @property
+    def nonfinite_recomputes(self) -> int:
+        """Calls that computed a span the policy wanted to reuse because its cached state was
+        not finite (NaN or infinity: never replayed)."""
+        return int(self.dropped.get("nonfinite", 0)) + sum(1 for r in self.steps if r.nonfinite)
+
+    @property
+    def first_nonfinite(self) -> str:
+        """Where the first non-finite refusal was ("step N, span"; "" if none)."""
+        first = next((r for r in self.steps if r.nonfinite), None)
+        return self.dropped.get("nonfinite_first") or (f"step {first.step}, {', '.join(first.nonfinite)}"
+                                                       if first else "")
 
     @property
     def calls(self) -> int:
@@ -337,7 +356,7 @@ class GraphReport:
                 "flops_saved_fraction": self.flops_saved_fraction, "cache_bytes": self.cache_bytes,
                 "models": self.models, "uncertain_calls": self.uncertain_calls,
                 "compiled_graphs": self.compiled_graphs, "compile_seconds": self.compile_seconds,
-                "detail_dropped_calls": self.dropped_calls,
+                "detail_dropped_calls": self.dropped_calls, "nonfinite_recomputes": self.nonfinite_recomputes,
                 "fallback": self.fallback.to_dict() if self.fallback else None}
 
     # ------------------------------------------------------------------ export
@@ -414,6 +433,9 @@ class GraphReport:
                           f"span (first: {_md(g.first_uncertain)})", ""]
             if g.dropped_calls:
                 lines += [_md(_dropped_text(g)), ""]
+            if g.nonfinite_recomputes:
+                lines += [f"{g.nonfinite_recomputes} call(s) computed instead of reusing a cache that was not finite "
+                          f"(NaN/inf; first: {_md(g.first_nonfinite)})", ""]
             lines += [f"calls {g.calls} in {g.generations} generation(s); span decisions computed {c}, "
                       f"reused {u} (hit rate {g.hit_rate:.1%}); FLOPs saved {g.flops_saved_fraction:.1%} "
                       f"({g.flops_saved / 1e6:.3f} MFLOP); cache held {_bytes(g.cache_bytes)}", ""]
@@ -571,6 +593,9 @@ class Report:
                                  f"every span (first: {g.first_uncertain})")
                 if g.dropped_calls:
                     lines.append("  " + _dropped_text(g))
+                if g.nonfinite_recomputes:
+                    lines.append(f"  {g.nonfinite_recomputes} call(s) computed instead of reusing a cache that was not "
+                                 f"finite (NaN/inf; first: {g.first_nonfinite})")
                 lines.append(f"  compiled {g.compiled_graphs} rewritten graph(s) in {g.compile_seconds:.1f} s")
                 lines.append(f"  calls {g.calls}, span decisions computed {c} / reused {u} "
                              f"(hit rate {g.hit_rate:.1%}), FLOPs saved {g.flops_saved_fraction:.1%}, "

@@ -11,7 +11,9 @@ last measured ``q`` and a coefficient ``gamma`` and the graph returns
 
 Signatures (``n`` spans, ``m`` floating model outputs):
 
-``build_measure_variant``: ``(*orig, *res[all spans]) -> (*orig_out, *res'[all spans], *q[m])``
+``build_measure_variant``: ``(*orig, *res[all spans]) -> (*orig_out, *res'[all spans], *q[m])``;
+with ``finite=True`` also ``ok``, a 0-d bool: every new residual and every ``q`` is finite (a
+``q`` measured against a residual of a non-finite step must not be replayed as a correction)
 ``build_corrected_reuse``: ``(*orig, *res[all spans], gamma, *q[m]) -> (*orig_out)``
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.fx as fx
 
 from .common import example_value
 from .edit import add_placeholder, copy_graph_module, output_values, safe_name, set_outputs
-from .rewrite import build_variant, stream_base
+from .rewrite import build_variant, finite_flag, stream_base
 from .spans import Span
 
 __all__ = ["build_measure_variant", "build_corrected_reuse", "float_outputs", "grid_layout", "BandFilter"]
@@ -42,7 +44,7 @@ def float_outputs(gm: fx.GraphModule) -> list[int]:
     return idx
 
 
-def build_measure_variant(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
+def build_measure_variant(gm: fx.GraphModule, spans: Sequence[Span], finite: bool = False) -> fx.GraphModule:
     new, env = copy_graph_module(gm)
     g = new.graph
     out_node, outs = output_values(g)
@@ -104,7 +106,11 @@ def build_measure_variant(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.Graph
             with g.inserting_before(out_node):
                 q = g.call_function(torch.zeros_like, (o,))
         qs.append(q)
-    set_outputs(out_node, outs + new_res + qs)
+    flag = []
+    if finite:
+        before = out_node.prev
+        flag = [finite_flag(g, new_res + qs, before)]
+    set_outputs(out_node, outs + new_res + qs + flag)
     g.eliminate_dead_code()
     g.lint()
     new.recompile()

@@ -12,14 +12,19 @@ synchronisation,
 * ``delta_x = mean|x - x_prev| / mean|x_prev|`` (x: the primary stream entering the probe),
   ``delta_y = mean|p - p_prev| / mean|p_prev|`` (p: the probe output),
   ``err = delta_y`` or ``|delta_y - delta_x|`` (option ``error``), ``cand = acc + err``;
-* ``reuse = not force and cand < threshold and window >= 1`` (``force`` is the host's
-  static part: the first ``ret_ratio`` of the steps and the last step);
+* ``reuse = not force and cand < threshold and window >= 1 and ok_last and isfinite(cand)``
+  (``force`` is the host's static part: the first ``ret_ratio`` of the steps and the last
+  step; ``ok_last``: the last cached residuals are all finite — computed in the compute branch
+  where they are refreshed; a non-finite ``x_prev``/``p_prev`` makes ``cand`` non-finite);
 * DiCache's alignment coefficient ``gamma = clip(mean|(p - x) - q_prev| /
   mean|q_last - q_prev|, lo, hi)`` from the probe-residual window ``q``; with two cached
   residuals the reused contribution is ``(1 - gamma) r_prev + gamma r_last``, else
-  ``r_last``;
+  ``r_last`` (also when ``r_prev`` is not finite, ``ok_prev``: it is left out, not multiplied
+  by zero);
 * the new state: ``acc' = reuse ? cand : 0``, ``x_prev' = x``, ``p_prev' = p``, the probe
-  window shifts on compute, the window count saturates at 2.
+  window shifts on compute, the window count saturates at 2, ``ok_prev' , ok_last'`` shift
+  with the residual window.  A step that would have been up to the threshold test but whose
+  state was not finite is recorded (``nonfinite``): it was computed, never replayed.
 
 Each guarded span is ``cond(reuse, in + a r_prev + b r_last, compute)`` (see
 :func:`~omnicompile.passes.rewrite.guard_span`, kind ``"window"``); computing refreshes
@@ -32,9 +37,10 @@ instead of adding a full-stack residual to the probe's input and discarding its 
 
 Signature of the built graph::
 
-    (*orig, force, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev..., r_last...] per span)
+    (*orig, force, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev..., r_last...] per span,
+     ok_last, ok_prev)
       -> (*orig_out, x_prev', p_prev', q_prev', q_last', acc', count', *span windows',
-          reuse, err, gamma)
+          ok_last', ok_prev', reuse, err, gamma, nonfinite)
 """
 from __future__ import annotations
 
@@ -52,7 +58,7 @@ from .spans import Span, SpanAnalysis, follow_stream, make_span, stream_inputs
 
 __all__ = ["ProbePlan", "StateSpec", "plan_probe", "build_probe", "N_RECORDS"]
 
-N_RECORDS = 3  # reuse, err, gamma
+N_RECORDS = 4  # reuse, err, gamma, nonfinite
 
 
 @dataclasses.dataclass
@@ -78,6 +84,7 @@ class ProbePlan:
         for sp in self.spans:
             for which in ("r_prev", "r_last"):
                 specs += [StateSpec(f"{sp.name}:{s.name}:{which}", s.shape, s.dtype) for s in sp.live_streams]
+        specs += [StateSpec("ok_last", (), torch.bool), StateSpec("ok_prev", (), torch.bool)]
         return specs
 
 
@@ -118,26 +125,33 @@ def plan_probe(gm: fx.GraphModule, analysis: SpanAnalysis, probe_depth: int) -> 
 
 
 def _decide_module(threshold: float, error: str, align: bool, lo: float, hi: float) -> fx.GraphModule:
-    def decide(x, probe, x_prev, p_prev, q_prev, q_last, acc, count, force):
-        def rel(a, b):
-            return (a.float() - b.float()).abs().mean() / b.float().abs().mean()
-        dx = rel(x, x_prev)
-        dy = rel(probe, p_prev)
+    def decide(x, probe, x_prev, p_prev, q_prev, q_last, acc, count, force, ok_last, ok_prev):
+        dx_den, dy_den = x_prev.float().abs().mean(), p_prev.float().abs().mean()
+        dx = (x.float() - x_prev.float()).abs().mean() / dx_den
+        dy = (probe.float() - p_prev.float()).abs().mean() / dy_den
         err = dy if error == "delta_y" else (dy - dx).abs()
         cand = acc + err
-        reuse = torch.logical_not(force) & (cand < threshold) & (count >= 1)
+        eligible = torch.logical_not(force) & (count >= 1)
+        # the cached state is finite: the residual window (flag set where it was refreshed) and the
+        # probe's previous values (their means are computed anyway); a non-finite input of this
+        # step makes cand non-finite too and computes, but is not the cache's fault
+        state_ok = ok_last & torch.isfinite(dy_den)
+        if error != "delta_y":
+            state_ok = state_ok & torch.isfinite(dx_den)
+        reuse = eligible & (cand < threshold) & state_ok
+        nonfinite = eligible & torch.logical_not(state_ok)
         q_now = probe - x
         gamma = ((q_now.float() - q_prev.float()).abs().mean()
                  / (q_last.float() - q_prev.float()).abs().mean()).clamp(lo, hi)
         gamma = torch.where(torch.isfinite(gamma), gamma, torch.ones_like(gamma))
-        two = (count >= 2) if align else torch.zeros_like(reuse)
+        two = ((count >= 2) & ok_prev) if align else torch.zeros_like(reuse)
         a = torch.where(two, 1.0 - gamma, torch.zeros_like(gamma))
         b = torch.where(two, gamma, torch.ones_like(gamma))
         acc2 = torch.where(reuse, cand, torch.zeros_like(cand))
         count2 = torch.where(reuse, count, torch.clamp(count + 1.0, max=2.0))
         q_prev2 = torch.where(reuse, q_prev, q_last)
         q_last2 = torch.where(reuse, q_last, q_now)
-        return reuse, a, b, acc2, count2, q_prev2, q_last2, err, gamma
+        return reuse, a, b, acc2, count2, q_prev2, q_last2, err, gamma, nonfinite
     return fx.symbolic_trace(decide)
 
 
@@ -168,14 +182,16 @@ def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: st
     specs = plan.state_specs()
     state = [add_placeholder(g, "omni_" + safe_name(s.name), None) for s in specs]
     x_prev, p_prev, q_prev, q_last, acc, count = state[:6]
+    ok_last, ok_prev = state[-2:]
     x, p = env[plan.x], env[plan.probe_out]
     dec = _decide_module(threshold, error, align, *align_clip)
-    reuse, a, b, acc2, count2, q_prev2, q_last2, err, gamma = _inline(
-        g, dec, [x, p, x_prev, p_prev, q_prev, q_last, acc, count, force], after=p)
+    reuse, a, b, acc2, count2, q_prev2, q_last2, err, gamma, nonfinite = _inline(
+        g, dec, [x, p, x_prev, p_prev, q_prev, q_last, acc, count, force, ok_last, ok_prev], after=p)
     for node, like in ((a, acc), (b, acc), (gamma, acc)):
         node.meta["example_value"] = torch.empty(())
     repl: dict = {}
     span_state: list[fx.Node] = []
+    flags: list[fx.Node] = []
     k = 6
     for i, sp in enumerate(plan.spans):
         n = len(sp.live_streams)
@@ -183,9 +199,20 @@ def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: st
         k += 2 * n
         for ph, s in zip(prev + last, sp.live_streams + sp.live_streams):
             ph.meta["example_value"] = example_value(s.input)
-        span_state += guard_span(new, env, repl, i, sp, reuse, [prev, last], "window", (a, b))
+        got = guard_span(new, env, repl, i, sp, reuse, [prev, last], "window", (a, b), finite_in=ok_last)
+        flags.append(got.pop())
+        span_state += got
+    # the new residual window's flags: reuse keeps both, compute shifts (every span's flag ANDed)
+    cur = max(flags, key=lambda n: list(g.nodes).index(n))
+    ok_new = flags[0]
+    for f in flags[1:]:
+        with g.inserting_after(cur):
+            ok_new = cur = g.call_function(torch.logical_and, (ok_new, f))
+    with g.inserting_after(cur):
+        ok_prev2 = g.call_function(torch.where, (reuse, ok_prev, ok_last))
     out_node, outs = output_values(g)      # after the spans: a stream output may be a graph output
-    set_outputs(out_node, outs + [x, p, q_prev2, q_last2, acc2, count2] + span_state + [reuse, err, gamma])
+    set_outputs(out_node, outs + [x, p, q_prev2, q_last2, acc2, count2] + span_state + [ok_new, ok_prev2]
+                + [reuse, err, gamma, nonfinite])
     g.eliminate_dead_code()
     g.lint()
     new.recompile()

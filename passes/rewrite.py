@@ -5,17 +5,29 @@ of each live stream (``out - in``), or *reuse*: skip the span and return ``in + 
 The cache tensors enter the graph as inputs and leave it as outputs; nothing inside the
 graph mutates Python state.  Two forms:
 
-``build_variant(gm, spans, reuse)``
+``build_variant(gm, spans, reuse, finite=False)``
     A specialised graph for one decision per span.  Reused spans are removed (their
     outputs become ``in + res``, dead code elimination drops the rest); computed spans add
     their residuals to the outputs.  The host picks the variant per step (static schedules).
-    Signature: ``(*orig_inputs, *res[reused spans]) -> (*orig_outputs, *res[computed spans])``.
+    Signature: ``(*orig_inputs, *res[reused spans]) -> (*orig_outputs, *res[computed spans])``,
+    with ``finite=True`` also ``*ok[computed spans]``: a 0-d bool per span, all of its new
+    residuals finite (computed where the cache is refreshed; the host reads it only where it
+    already syncs, before it would reuse that cache).
 
-``build_cond(gm, spans)``
+``build_cond(gm, spans, finite=False)``
     One graph in which each span is a ``torch.ops.higher_order.cond`` on a boolean predicate
     input (True = reuse).  Signature:
     ``(*orig_inputs, *pred[spans], *res[all spans]) -> (*orig_outputs, *res[all spans])``.
     The reuse branch returns a copy of the residual (cond branches may not alias inputs).
+    With ``finite=True`` the cache's finiteness flag is state too and part of the guard: a
+    span reuses only if ``pred and ok``; signature
+    ``(*orig, *pred[spans], *res[all spans], *ok[spans]) -> (*orig_out, *res[all spans],
+    *ok'[spans], *blocked[spans])``, ``blocked = pred and not ok`` (the host wanted a reuse,
+    the cache was not finite: the span was computed), read back with the report, not per step.
+
+A cached residual that is not finite is never replayed: ``out - in`` of a step whose input
+held a NaN or an infinity carries it, and reusing it would spread one bad step over the run
+of reuses that follows.
 
 Where side values are added into a stream between the span's blocks (``Stream.adds``:
 ControlNet residuals, VACE hints), ``in`` stands for the stream's *base*, its input plus
@@ -29,7 +41,7 @@ Both builders work on a copy (:func:`~omnicompile.passes.edit.copy_graph_module`
 from __future__ import annotations
 
 import operator
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -39,21 +51,48 @@ from .edit import add_placeholder, copy_graph_module, output_values, safe_name, 
 from .errors import RewriteError
 from .spans import Span
 
-__all__ = ["build_variant", "build_cond", "guard_span"]
+__all__ = ["build_variant", "build_cond", "guard_span", "finite_flag"]
 
 
 def _fake_like(node: fx.Node):
     return example_value(node)
 
 
-def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[bool]) -> fx.GraphModule:
+def finite_flag(g: fx.Graph, tensors: Sequence[fx.Node], after: fx.Node) -> fx.Node:
+    """Insert ``all(isfinite(t)) for every t`` (a 0-d bool) after ``after``; returns it."""
+    flag = None
+    cur = after
+    for t in tensors:
+        with g.inserting_after(cur):
+            fin = g.call_function(torch.isfinite, (t,))
+        with g.inserting_after(fin):
+            a = g.call_function(torch.all, (fin,))
+        cur = a
+        ev = example_value(t)
+        if isinstance(ev, torch.Tensor):
+            fin.meta["example_value"] = torch.isfinite(ev)
+            a.meta["example_value"] = fin.meta["example_value"].all()
+        if flag is not None:
+            with g.inserting_after(cur):
+                a2 = g.call_function(torch.logical_and, (flag, a))
+            if "example_value" in a.meta:
+                a2.meta["example_value"] = a.meta["example_value"]
+            cur = a = a2
+        flag = a
+    return flag
+
+
+def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[bool],
+                  finite: bool = False) -> fx.GraphModule:
     if len(reuse) != len(spans):
         raise RewriteError("bad_decision", f"{len(reuse)} decisions for {len(spans)} spans")
     new, env = copy_graph_module(gm)
     g = new.graph
     extra_out: list[fx.Node] = []
+    flags: list[fx.Node] = []
     repl: dict[fx.Node, fx.Node] = {}   # outputs of earlier spans -> what replaced them
     for sp, r in zip(spans, reuse):
+        new_res: list[fx.Node] = []
         inside = {env[n] for n in sp.nodes}
         keep = {env[n] for n in sp.keep}
         last = max((env[n] for n in sp.nodes), key=lambda n: _order(g)[n])
@@ -74,9 +113,12 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
                     d = g.call_function(operator.sub, (o, x))
                 d.meta["example_value"] = _fake_like(s.output)
                 extra_out.append(d)
+                new_res.append(d)
+        if finite and not r:
+            flags.append(finite_flag(g, new_res, max(new_res, key=lambda n: _order(g)[n])))
     # read the outputs only now: a stream output may itself be a graph output, replaced above
     out_node, outs = output_values(g)
-    set_outputs(out_node, outs + extra_out)
+    set_outputs(out_node, outs + extra_out + flags)
     g.eliminate_dead_code()
     g.lint()
     new.recompile()
@@ -108,18 +150,31 @@ def _order(g: fx.Graph) -> dict:
     return {n: i for i, n in enumerate(g.nodes)}
 
 
-def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
+def build_cond(gm: fx.GraphModule, spans: Sequence[Span], finite: bool = False) -> fx.GraphModule:
     new, env = copy_graph_module(gm)
     g = new.graph
     preds = [add_placeholder(g, f"omni_pred_{k}", None) for k in range(len(spans))]
     res_phs = [[add_placeholder(g, f"omni_res_{safe_name(sp.name)}_{s.name}", _fake_like(s.input))
                 for s in sp.live_streams] for sp in spans]
+    oks = [add_placeholder(g, f"omni_ok_{k}", None) for k in range(len(spans))] if finite else []
     extra_out: list[fx.Node] = []
+    new_oks: list[fx.Node] = []
+    blocked: list[fx.Node] = []
     repl: dict[fx.Node, fx.Node] = {}
     for k, sp in enumerate(spans):
-        extra_out.extend(guard_span(new, env, repl, k, sp, preds[k], [res_phs[k]], "residual"))
+        pred = preds[k]
+        if finite:         # reuse only a finite cache; the host learns of a refusal from `blocked`
+            anchor = next(n for n in g.nodes if n.op != "placeholder")
+            with g.inserting_before(anchor):
+                pred = g.call_function(torch.logical_and, (preds[k], oks[k]))
+                no = g.call_function(torch.logical_not, (oks[k],))
+                blocked.append(g.call_function(torch.logical_and, (preds[k], no)))
+        got = guard_span(new, env, repl, k, sp, pred, [res_phs[k]], "residual", finite_in=oks[k] if finite else None)
+        if finite:
+            new_oks.append(got.pop())
+        extra_out.extend(got)
     out_node, outs = output_values(g)      # after the spans: a stream output may be a graph output
-    set_outputs(out_node, outs + extra_out)
+    set_outputs(out_node, outs + extra_out + new_oks + blocked)
     g.eliminate_dead_code()
     g.lint()
     new.recompile()
@@ -127,7 +182,8 @@ def build_cond(gm: fx.GraphModule, spans: Sequence[Span]) -> fx.GraphModule:
 
 
 def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pred: fx.Node,
-               state: list[list[fx.Node]], kind: str, coeffs: Sequence[fx.Node] = ()) -> list[fx.Node]:
+               state: list[list[fx.Node]], kind: str, coeffs: Sequence[fx.Node] = (),
+               finite_in: Optional[fx.Node] = None) -> list[fx.Node]:
     """Replace span ``sp`` of the copied graph ``new`` by ``cond(pred, reuse, compute)``.
 
     ``kind="residual"``: ``state = [res]`` (one tensor per live stream); reuse returns
@@ -142,6 +198,12 @@ def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pre
 
     Returns the new state nodes, flattened in the order of ``state``.  ``repl`` maps span
     outputs already replaced by earlier spans (a later span's input may be one).
+
+    ``finite_in`` (a 0-d bool node, the flag of the cache passed in): the branches also return
+    a flag, appended to the state — compute: all of the new residuals finite; reuse: a copy of
+    ``finite_in`` (the cache is kept).  In the window kind the reuse branch never multiplies
+    ``r_prev`` by a zero ``a`` (``0 * nan`` is nan): a non-finite ``r_prev`` the caller chose
+    not to blend in stays out.
     """
     g = new.graph
     keep = {env[n] for n in sp.keep}
@@ -159,7 +221,8 @@ def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pre
     live = sp.live_streams
     outs_sp = [env[s.output] for s in live]
     flat_state = [t for group in state for t in group]
-    extra = flat_state + list(coeffs)
+    extra = flat_state + list(coeffs) + ([finite_in] if finite_in is not None else [])
+    fin = finite_in is not None
     order = _order(g)
     anchor = max(body + [p for p in extra if p.op != "placeholder"], key=lambda n: order[n])
     # the residual is taken against in + this call's side additions, computed outside the cond
@@ -170,8 +233,8 @@ def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pre
     for b in bases:
         if b not in operands:
             operands.append(b)
-    true_gm = _branch(new, operands, extra, body, bases, outs_sp, compute=True, kind=kind)
-    false_gm = _branch(new, operands, extra, body, bases, outs_sp, compute=False, kind=kind)
+    true_gm = _branch(new, operands, extra, body, bases, outs_sp, compute=True, kind=kind, finite=fin)
+    false_gm = _branch(new, operands, extra, body, bases, outs_sp, compute=False, kind=kind, finite=fin)
     tname, fname = f"omni_compute_{k}", f"omni_reuse_{k}"
     new.add_submodule(tname, true_gm)
     new.add_submodule(fname, false_gm)
@@ -182,7 +245,7 @@ def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pre
     with g.inserting_after(f_attr):
         c = g.call_function(torch.ops.higher_order.cond,   # predicate True -> reuse
                             (pred, f_attr, t_attr, tuple(operands + extra)))
-    n_out = len(live) + len(flat_state)
+    n_out = len(live) + len(flat_state) + fin
     got = []
     cur = c
     for i in range(n_out):
@@ -196,10 +259,13 @@ def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pre
         repl[o] = got[i]
     for i, t in enumerate(flat_state):
         got[len(live) + i].meta["example_value"] = example_value(t)
+    if fin:
+        got[-1].meta["example_value"] = torch.empty((), dtype=torch.bool)
     return got[len(live):]
 
 
-def _branch(root: fx.GraphModule, operands, extra, body, ins, outs_sp, compute: bool, kind: str) -> fx.GraphModule:
+def _branch(root: fx.GraphModule, operands, extra, body, ins, outs_sp, compute: bool, kind: str,
+            finite: bool = False) -> fx.GraphModule:
     bg = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for a in list(operands) + list(extra):
@@ -225,16 +291,30 @@ def _branch(root: fx.GraphModule, operands, extra, body, ins, outs_sp, compute: 
         outs = [fresh(env[o]) for o in outs_sp]
         new_res = [contig(bg.call_function(operator.sub, (env[o], env[x]))) for o, x in zip(outs_sp, ins)]
         state = new_res if kind == "residual" else [fresh(t) for t in last] + new_res
+        if finite:
+            flag = None
+            for r in new_res:
+                f = bg.call_function(torch.all, (bg.call_function(torch.isfinite, (r,)),))
+                flag = f if flag is None else bg.call_function(torch.logical_and, (flag, f))
+            state = state + [flag]
     else:
         if kind == "residual":
             delta = res
             state = [fresh(r) for r in res]
         else:
-            delta = [bg.call_function(operator.add, (bg.call_function(operator.mul, (a, p)),
-                                                     bg.call_function(operator.mul, (b, q))))
-                     for p, q in zip(prev, last)]
+            if finite:     # a == 0: r_prev stays out (it may be non-finite: 0 * nan is nan)
+                use_prev = bg.call_function(operator.ne, (a, 0))
+                delta = [bg.call_function(operator.add, (
+                    bg.call_function(torch.where, (use_prev, bg.call_function(operator.mul, (a, p)), 0.0)),
+                    bg.call_function(operator.mul, (b, q)))) for p, q in zip(prev, last)]
+            else:
+                delta = [bg.call_function(operator.add, (bg.call_function(operator.mul, (a, p)),
+                                                         bg.call_function(operator.mul, (b, q))))
+                         for p, q in zip(prev, last)]
             state = [fresh(t) for t in prev] + [fresh(t) for t in last]
         outs = [contig(bg.call_function(operator.add, (env[x], d))) for x, d in zip(ins, delta)]
+        if finite:
+            state = state + [fresh(env[extra[-1]])]
     bg.output(tuple(outs + state))
     bg.lint()
     return fx.GraphModule(root, bg)

@@ -67,9 +67,10 @@ class Recorder:
         return run
 
 
-def replay(rec: GraphCalls, atol: float = 1e-5, rtol: float = 1e-5) -> dict:
+def replay(rec: GraphCalls, atol: float = 1e-5, rtol: float = 1e-5, equal_nan: bool = False) -> dict:
     """Re-run every recorded call of one graph with the reference; returns counts
-    ``{"calls", "reused", "computed"}``.  Raises AssertionError on the first mismatch."""
+    ``{"calls", "reused", "computed"}``.  Raises AssertionError on the first mismatch
+    (``equal_nan``: a NaN must match a NaN, for inputs that hold one)."""
     assert rec.runtime is not None, "the graph was compiled unchanged: nothing to replay"
     rec.runtime.flush()
     steps = rec.report.steps
@@ -86,7 +87,7 @@ def replay(rec: GraphCalls, atol: float = 1e-5, rtol: float = 1e-5) -> dict:
         for i, (w, o) in enumerate(zip(want, outs)):
             if isinstance(w, torch.Tensor):
                 where = f"call {counts['calls']} (model, generation, slot {key}, step {step.step}, {step.decisions})"
-                torch.testing.assert_close(o, w, atol=atol, rtol=rtol, msg=lambda m: f"{where}, output {i}: {m}")
+                torch.testing.assert_close(o, w, atol=atol, rtol=rtol, equal_nan=equal_nan, msg=lambda m: f"{where}, output {i}: {m}")
         counts["calls"] += 1
         counts["reused"] += sum(d == "reused" for d in step.decisions.values())
         counts["computed"] += sum(d == "computed" for d in step.decisions.values())

@@ -12,11 +12,13 @@ batch's mean error says so); CFG run as separate calls keeps a separate probe st
 
 :class:`ProbeRuntime` keeps the probe state per CFG slot and passes the host's force flag;
 the graph takes ``(*orig, force, *state)`` and returns ``(*orig_out, *state', reuse, err,
-gamma)``.  The records (device tensors) are not read in the step loop: they wait in
-``pending`` and are read back in ``flush()`` — when the report is read, when a new generation
-starts (the previous one's work is queued by then: one sync per generation), and whenever
-``MAX_PENDING`` calls are waiting (a stream that never starts a new generation) — so the
-device memory they hold stays bounded however many calls run.
+gamma, nonfinite)``.  The state carries finiteness flags of the cached residual window (computed
+in the graph where the window is refreshed): a state that is not finite is never replayed, the
+step computes and ``nonfinite`` records it.  The records (device tensors) are not read in the
+step loop: they wait in ``pending`` and are read back in ``flush()`` — when the report is read,
+when a new generation starts (the previous one's work is queued by then: one sync per
+generation), and whenever ``MAX_PENDING`` calls are waiting (a stream that never starts a new
+generation) — so the device memory they hold stays bounded however many calls run.
 """
 from __future__ import annotations
 
@@ -75,8 +77,8 @@ class ProbeRuntime(Runtime):
         self.pending: list = []
         self._flags = {b: torch.tensor(b, device=self.device) for b in (False, True)}
         g = build_probe(self.gm, plan, float(c.threshold), c.error, c.align, c.align_clip)
-        sig = ("(*inputs, force, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev, r_last] per span) -> "
-               "(*outputs, *state', reuse, err, gamma)")
+        sig = ("(*inputs, force, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev, r_last] per span, "
+               "ok_last, ok_prev) -> (*outputs, *state', reuse, err, gamma, nonfinite)")
         self._fn = self.compile("probe", g, [self._flags[False]] + self.examples(self.specs), sig)
 
     def __call__(self, *args):
@@ -105,11 +107,12 @@ class ProbeRuntime(Runtime):
         for place, t, force, records in pending:
             reuse = bool(records[0]) and not force
             signals = {} if force else {"error": float(records[1]), "gamma": float(records[2])}
+            nonfinite = [] if force or not bool(records[3]) else [sp.name for sp in self.spans]
             self.report.add_step(StepRecord(
                 place.generation, place.step, place.slot, t if t is not None else float("nan"),
                 {sp.name: ("reused" if reuse else "computed") for sp in self.spans},
                 sum(sp.flops for sp in self.spans) if reuse else 0, signals=signals, model=place.model,
-                uncertain=place.why))
+                uncertain=place.why, nonfinite=nonfinite))
 
     def preview(self, steps: int) -> Preview:
         rows = []

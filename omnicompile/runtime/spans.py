@@ -12,7 +12,15 @@ not be placed with certainty — and runs
 
 :meth:`SpanRuntime.want` is the schedule (the policy's ``decide`` with the call's step and step
 count; a subclass may hold its own, e.g. the layered plan) and :meth:`SpanRuntime.decisions`
-adds the forced-compute rule; both ``__call__`` and ``preview`` go through them.  The spans a
+adds the forced-compute rule; both ``__call__`` and ``preview`` go through them.
+
+Non-finite caches are never replayed: every compiled graph also returns, per span it computes,
+whether the new residuals are all finite (computed in the graph where the cache is refreshed).
+With variants the host reads that flag only when it is about to reuse the cache, right after the
+timestep read that already synchronises the call (once per cache); a cache that is not finite is
+dropped and the span computed (``StepRecord.nonfinite``, ``GraphReport.nonfinite_recomputes``).
+With ``cond`` the flag is graph state and part of the predicate (no host read); which spans it
+turned into computes is read back in ``flush()``, with the report.  The spans a
 generation guards may differ per model and step count (the layered plan): a runtime keeps the
 compiled graphs of every span set it used.
 """
@@ -48,6 +56,9 @@ class SpanRuntime(Runtime):
         self._known: dict[str, object] = {}       # span name -> span, of every set
         super().__init__(ctx, spans if spans is not None else policy.select_spans(ctx))
         self._pred = {False: torch.tensor(False), True: torch.tensor(True)}
+        #: cond guard: (step record, span names, blocked flags) read back in flush()
+        self._pending: list = []
+        self._oks: dict = {}
         self.build(self.spans)
 
     # ------------------------------------------------------------------ the schedule
@@ -112,8 +123,9 @@ class SpanRuntime(Runtime):
             computed = [sp.name for sp, d in zip(spans, dec) if not d] or "no span"
             sig = (f"(*inputs, *residuals of {reused}) -> (*outputs, *residuals of {computed}); "
                    "residuals: live streams, span by span")
-            fn = self.compile(key, build_variant(self.gm, spans, dec), self.examples(self._residual_specs(spans, dec)),
-                              sig)
+            sig += "; then per computed span a 0-d bool: its new residuals are all finite"
+            fn = self.compile(key, build_variant(self.gm, spans, dec, finite=True),
+                              self.examples(self._residual_specs(spans, dec)), sig)
         return fn
 
     def _cond(self, spans: Sequence) -> Callable:
@@ -121,9 +133,11 @@ class SpanRuntime(Runtime):
         fn = self.compiled.get(key)
         if fn is None:
             preds = [torch.tensor(False) for _ in spans]
-            sig = "(*inputs, *predicates (True = reuse) per span, *residuals of every span) -> (*outputs, *residuals)"
-            fn = self.compile(key, build_cond(self.gm, spans),
-                              preds + self.examples(self._residual_specs(spans, [True] * len(spans))), sig)
+            oks = [torch.tensor(True, device=self.device) for _ in spans]
+            sig = ("(*inputs, *predicates (True = reuse) per span, *residuals of every span, *finite flag per span) -> "
+                   "(*outputs, *residuals, *finite flags', *blocked per span (wanted a reuse, cache not finite))")
+            fn = self.compile(key, build_cond(self.gm, spans, finite=True),
+                              preds + self.examples(self._residual_specs(spans, [True] * len(spans))) + oks, sig)
         return fn
 
     # ------------------------------------------------------------------ calls
@@ -137,18 +151,35 @@ class SpanRuntime(Runtime):
         n = len(spans)
         counts = [len(s.live_streams) for s in spans]
         slot_cache = call.slots.setdefault(call.slot, [None] * n)
-        dec, forced = self.decisions(self.want(call.step, call.num_steps, spans, call),
-                                     [c is not None for c in slot_cache], call.certain)
+        # per slot and span: is the cache finite (a device flag until the host reads it, then a bool)
+        slot_ok = call.session.data.setdefault("finite", {}).setdefault(call.slot, [True] * n)
+        want = self.want(call.step, call.num_steps, spans, call)
+        nonfinite: list[str] = []
+        if self.guard == "variants":
+            for i in range(n):
+                if want[i] and slot_cache[i] is not None and call.certain:
+                    if isinstance(slot_ok[i], torch.Tensor):
+                        slot_ok[i] = bool(slot_ok[i])     # after the timestep read: no new stall
+                    if not slot_ok[i]:                     # never replay a non-finite residual
+                        slot_cache[i] = None
+                        nonfinite.append(spans[i].name)
+        dec, forced = self.decisions(want, [c is not None for c in slot_cache], call.certain)
+        forced = [i for i in forced if spans[i].name not in nonfinite]
         if self.guard == "variants":
             fn = self._variant(spans, dec)
             extra = [r for i in range(n) if dec[i] for r in slot_cache[i]]
             outs = self.invoke(call, fn, list(args) + extra)
-            new_res = _contiguous(outs[self.n_out:])
+            n_comp = sum(not d for d in dec)
+            n_res = sum(counts[i] for i in range(n) if not dec[i])
+            new_res = _contiguous(outs[self.n_out:self.n_out + n_res])
+            flags = list(outs[self.n_out + n_res:self.n_out + n_res + n_comp])
             k = 0
             for i in range(n):
                 if not dec[i]:
                     slot_cache[i] = new_res[k:k + counts[i]]
+                    slot_ok[i] = flags.pop(0)
                     k += counts[i]
+            outs = outs[:self.n_out + n_res]
         else:
             fn = self._cond(spans)
             preds = [self._pred[d] for d in dec]
@@ -156,16 +187,41 @@ class SpanRuntime(Runtime):
             for i in range(n):
                 res.extend(slot_cache[i] if slot_cache[i] is not None
                            else self.zeros(call, self._residual_specs(spans, [j == i for j in range(n)])))
-            outs = self.invoke(call, fn, list(args) + preds + res)
-            new_res = _contiguous(outs[self.n_out:])
+            oks = [ok if isinstance(ok, torch.Tensor) else self._ok(ok) for ok in slot_ok]
+            outs = self.invoke(call, fn, list(args) + preds + res + oks)
+            n_res = sum(counts)
+            new_res = _contiguous(outs[self.n_out:self.n_out + n_res])
+            slot_ok[:] = list(outs[self.n_out + n_res:self.n_out + n_res + n])
+            blocked = list(outs[self.n_out + n_res + n:self.n_out + n_res + 2 * n])
             k = 0
             for i in range(n):
                 slot_cache[i] = new_res[k:k + counts[i]]
                 k += counts[i]
+            outs = outs[:self.n_out + n_res]
         self.record(call, {sp.name: ("reused" if d else "computed") for sp, d in zip(spans, dec)},
                     sum(sp.flops for sp, d in zip(spans, dec) if d), [spans[i].name for i in forced])
+        rec = self.report.steps[-1]
+        rec.nonfinite = nonfinite
+        if self.guard != "variants" and any(dec):
+            self._pending.append((rec, [sp.flops for sp in spans], [sp.name for sp in spans], blocked))
         self.after_call(call, args, outs)
         return tuple(outs[:self.n_out])
+
+    def _ok(self, value: bool) -> torch.Tensor:
+        ok = self._oks.get(bool(value))
+        if ok is None:
+            ok = self._oks[bool(value)] = torch.tensor(bool(value), device=self.device)
+        return ok
+
+    def flush(self) -> None:
+        """``cond``: read back which wanted reuses the finiteness flag turned into computes."""
+        for rec, flops, names, blocked in self._pending:
+            for name, fl, b in zip(names, flops, blocked):
+                if rec.decisions.get(name) == "reused" and bool(b):
+                    rec.decisions[name] = "computed"
+                    rec.flops_saved -= fl
+                    rec.nonfinite.append(name)
+        self._pending.clear()
 
     def generation_plan(self, call: Call) -> str:
         n = call.num_steps

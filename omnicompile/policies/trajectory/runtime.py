@@ -4,6 +4,12 @@ on the schedule, with the cache-noise correction.
 Compiled graphs: ``variant_C`` (every span computed, residuals out), ``measure`` (also the
 noise ``q`` a reuse would have made: before a run of reuses and while calibrating),
 ``variant_R`` (every span reused) and ``reuse_corrected`` (reused, minus ``c * q``).
+
+The compute and measure graphs also return whether the state they refresh (the residuals, and
+``q``) is all finite; the host reads that flag where it already syncs (after the timestep read),
+only before a reuse, and a state that is not finite is dropped and the step computed
+(``StepRecord.nonfinite``): neither a residual nor a correction carries a NaN of one step into
+the reuses after it.
 """
 from __future__ import annotations
 
@@ -48,10 +54,13 @@ class TrajectoryRuntime(Runtime):
             report.refused.append(Reason("not_calibrated", "calibrate=None and no calibration given: every step "
                                          "is computed until oc.calibrate(fn) runs"))
         res = self._residual_specs()
-        self._fn_compute = self.compile("variant_C", build_variant(gm, self.spans, (False,) * len(self.spans)), [],
-                                        "(*inputs) -> (*outputs, *residuals of every span)")
-        self._fn_measure = self.compile("measure", build_measure_variant(gm, self.spans), self.examples(res),
-                                        "(*inputs, *residuals) -> (*outputs, *residuals', *q per float output)")
+        self._fn_compute = self.compile("variant_C", build_variant(gm, self.spans, (False,) * len(self.spans),
+                                                                   finite=True), [],
+                                        "(*inputs) -> (*outputs, *residuals of every span, *finite flag per span)")
+        self._fn_measure = self.compile("measure", build_measure_variant(gm, self.spans, finite=True),
+                                        self.examples(res),
+                                        "(*inputs, *residuals) -> (*outputs, *residuals', *q per float output, "
+                                        "finite flag of residuals' and q)")
         self._fn_reuse = self.compile("variant_R", build_variant(gm, self.spans, (True,) * len(self.spans)),
                                       self.examples(res), "(*inputs, *residuals of every span) -> (*outputs)")
         self._fn_corrected = None
@@ -167,7 +176,13 @@ class TrajectoryRuntime(Runtime):
         schedule, gammas = self.schedule_of(cal) if cal is not None else ((), ())
         scheduled = cal is not None and step in schedule and call.certain
         reuse = scheduled and "res" in st and step < cal.num_steps
-        forced = [s.name for s in self.spans] if scheduled and not reuse else []
+        nonfinite = []
+        if reuse and not self._finite(st):     # never replay a non-finite residual or correction
+            reuse = False
+            nonfinite = [s.name for s in self.spans]
+            for key in ("res", "q", "ok"):
+                st.pop(key, None)
+        forced = [s.name for s in self.spans] if scheduled and not reuse and not nonfinite else []
         measure = "res" in st and (calibrating or (self.config.correction and not reuse
                                                    and cal is not None and step + 1 in schedule))
         coef = None
@@ -196,6 +211,8 @@ class TrajectoryRuntime(Runtime):
             k = self.n_out + sum(self.counts)
             # state goes back into graphs compiled for contiguous examples (Inductor asserts strides)
             st["res"] = [r.contiguous() for r in outs[self.n_out:k]]
+            st["ok"] = [outs[-1]]
+            outs = outs[:-1]
             qs = list(outs[k:])
             if self.config.correction_band is not None:
                 qs = [self._band(q) for q in qs]
@@ -205,7 +222,10 @@ class TrajectoryRuntime(Runtime):
             st["res_step"] = step
         else:
             outs = self.invoke(call, self._fn_compute, list(args))
-            st["res"] = [r.contiguous() for r in outs[self.n_out:]]
+            k = self.n_out + sum(self.counts)
+            st["res"] = [r.contiguous() for r in outs[self.n_out:k]]
+            st["ok"] = list(outs[k:])
+            outs = outs[:k]
             st.pop("q", None)
             st["prod"], st["coef"], st["k"] = 1.0, 0.0, 0
             st["res_step"] = step
@@ -214,7 +234,19 @@ class TrajectoryRuntime(Runtime):
         self.record(call, {sp.name: ("reused" if reuse else "computed") for sp in self.spans},
                     sum(sp.flops for sp in self.spans) if reuse else 0, forced,
                     {"gamma": coef} if coef is not None else {})
+        self.report.steps[-1].nonfinite = nonfinite
         return tuple(outs[:self.n_out])
+
+    @staticmethod
+    def _finite(st: dict) -> bool:
+        """Whether the slot's state is all finite: the graphs' flags, read once (the call has
+        already synchronised on its timestep)."""
+        ok = st.get("ok")
+        if ok is None:
+            return True
+        if not isinstance(ok, bool):
+            ok = st["ok"] = all(bool(f) for f in ok)
+        return ok
 
     def preview(self, steps: int) -> Preview:
         cal = self.calibrator.for_steps(steps)
