@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-__all__ = ["angle_scores", "output_change_scores", "select_reuse_steps", "fit_gamma", "DEFAULT_PHASE_WEIGHTS"]
+__all__ = ["angle_scores", "output_change_scores", "select_reuse_steps", "fit_gamma", "GAMMA_MIN", "GAMMA_MAX", "DEFAULT_PHASE_WEIGHTS"]
 
 DEFAULT_PHASE_WEIGHTS = (0.45, 0.45, 0.10)
 
@@ -181,7 +181,14 @@ def select_reuse_steps(scores: Sequence[float], budget: float, min_gap: int = 2,
         targets[ph] -= 1
 
 
-def fit_gamma(dots: Sequence[float], sq_norms: Sequence[float], lo: float = 0.0, hi: float = 1.5) -> list[Optional[float]]:
+#: the range :func:`fit_gamma` clips the noise ratio to: a negative ratio would flip the
+#: correction's sign, one above 1.5 amplifies the measured noise by more than the staleness
+#: grows it (calibration files are checked against the same range)
+GAMMA_MIN, GAMMA_MAX = 0.0, 1.5
+
+
+def fit_gamma(dots: Sequence[float], sq_norms: Sequence[float], lo: float = GAMMA_MIN,
+              hi: float = GAMMA_MAX) -> list[Optional[float]]:
     """Per-step gamma of the cache-noise model q_s ≈ gamma_s q_{s-1} (least squares):
     ``gamma_s = <q_s, q_{s-1}> / |q_{s-1}|^2``, clipped to [lo, hi]; None where unknown.
 

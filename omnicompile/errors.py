@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from omnicompile.passes.errors import PassError, RewriteError
 
-__all__ = ["OmniCacheError", "ConfigError", "RewriteError", "PassError", "CalibrationError", "ScheduleError"]
+__all__ = ["OmniCacheError", "ConfigError", "RewriteError", "PassError", "CalibrationError", "ScheduleError",
+           "ReportError"]
 
 
 class OmniCacheError(Exception):
@@ -28,3 +29,8 @@ class CalibrationError(OmniCacheError, ValueError):
 
 class ScheduleError(CalibrationError):
     """A layered profile or schedule (JSON) is malformed or does not fit the graph it is used for."""
+
+
+class ReportError(OmniCacheError, ValueError):
+    """A report given as JSON (:meth:`omnicompile.report.Report.from_json`) is malformed: the
+    message names the field and what it should be."""

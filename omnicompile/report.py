@@ -33,8 +33,11 @@ import dataclasses
 import json
 import math
 import threading
+import typing
 from typing import Any, Optional, Sequence
 
+from omnicompile.errors import ReportError
+from omnicompile.jsonfile import parse_json
 from omnicompile.passes.common import Reason
 
 __all__ = ["SpanReport", "StepRecord", "GenerationRecord", "GraphReport", "Report", "percentile"]
@@ -369,16 +372,10 @@ class GraphReport:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GraphReport":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["fallback"] = Reason(**d["fallback"]) if d.get("fallback") else None
-        kw["refused"] = [Reason(**r) for r in d.get("refused", [])]
-        kw["spans"] = [SpanReport(**s) for s in d.get("spans", [])]
-        kw["steps"] = [StepRecord(**{**s, "timestep": float(s["timestep"]),
-                                     "signals": {k: float(v) for k, v in s.get("signals", {}).items()}})
-                       for s in d.get("steps", [])]
-        kw["generation_log"] = [GenerationRecord(**g) for g in d.get("generation_log", [])]
-        return cls(**kw)
+        """A graph report from :meth:`to_dict`'s value; a missing or ill-typed field raises
+        :class:`~omnicompile.errors.ReportError` naming it (the derived ``summary``,
+        ``timeline`` and ``signal_stats`` and any unknown key are ignored)."""
+        return _from_json_value(cls, d, "graphs[?]")
 
     def to_markdown(self, all_generations: bool = False) -> str:
         """This graph as Markdown (the timeline shows the latest generation unless
@@ -511,13 +508,29 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
+        """A report from :meth:`to_dict`'s value, every field checked: a wrong one raises
+        :class:`~omnicompile.errors.ReportError` naming it (``graphs[1].steps[3].slot``)."""
+        if not isinstance(d, dict):
+            raise ReportError(f"report: expected a JSON object with 'graphs', got {_type_name(d)}")
+        if "graphs" not in d:
+            raise ReportError("report field 'graphs' is missing")
+        graphs = d["graphs"]
+        if not isinstance(graphs, list):
+            raise ReportError(f"report field 'graphs': got {_type_name(graphs)}; expected a list of graph reports")
         summary = d.get("summary", {})
-        return cls([GraphReport.from_dict(g) for g in d.get("graphs", [])], list(summary.get("warnings", [])),
-                   int(summary.get("bypassed_calls", 0)))
+        if not isinstance(summary, dict):
+            raise ReportError(f"report field 'summary': got {_type_name(summary)}; expected an object")
+        warnings = _json_value(summary.get("warnings", []), list[str], "summary.warnings")
+        bypassed = _json_value(summary.get("bypassed_calls", 0), int, "summary.bypassed_calls")
+        return cls([_from_json_value(GraphReport, g, f"graphs[{i}]") for i, g in enumerate(graphs)], warnings,
+                   bypassed)
 
     @classmethod
-    def from_json(cls, text: str) -> "Report":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text) -> "Report":
+        """:meth:`to_json`'s text (``str`` or UTF-8 ``bytes``) back as a report; anything else —
+        not JSON, not UTF-8, nested past :data:`omnicompile.jsonfile.MAX_DEPTH`, a missing or
+        ill-typed field — raises :class:`~omnicompile.errors.ReportError`."""
+        return cls.from_dict(parse_json(text, "report JSON", ReportError))
 
     def to_markdown(self, all_generations: bool = False) -> str:
         """A summary table of every graph, then one section per graph."""
@@ -618,6 +631,70 @@ def percentile(values: Sequence[float], p: float, presorted: bool = False) -> fl
     lo = math.floor(pos)
     hi = min(lo + 1, len(vs) - 1)
     return vs[lo] + (vs[hi] - vs[lo]) * (pos - lo)
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), f"a number ({v!r})" if isinstance(v, (int, float)) else type(v).__name__)
+
+
+def _from_json_value(cls, d: Any, where: str):
+    """An instance of the dataclass ``cls`` from a JSON object, each field converted by its
+    annotation (:func:`_json_value`); fields with defaults may be absent, unknown keys are
+    ignored."""
+    if not isinstance(d, dict):
+        raise ReportError(f"report field {where!r}: got {_type_name(d)}; expected an object ({cls.__name__})")
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ReportError(f"report field {where + '.' + f.name!r} is missing")
+            continue
+        kw[f.name] = _json_value(d[f.name], hints[f.name], f"{where}.{f.name}")
+    return cls(**kw)
+
+
+_FLOAT_WORDS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}   # what _json_safe writes
+
+
+def _json_value(v: Any, hint: Any, where: str) -> Any:
+    """``v`` checked against the annotation ``hint``: every int in a report is a count, index,
+    id, FLOP or byte number (>= 0); a float may be ``"nan"``/``"inf"``/``"-inf"`` (as
+    :func:`_json_safe` writes them)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def bad(want: str):
+        raise ReportError(f"report field {where!r}: got {_type_name(v) if not isinstance(v, str) else repr(v[:40])}; "
+                          f"expected {want}")
+    if origin is typing.Union:
+        if v is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _json_value(v, inner[0], where)
+    if dataclasses.is_dataclass(hint):
+        return _from_json_value(hint, v, where)
+    if hint is Any:
+        return v
+    if hint is bool:
+        return v if isinstance(v, bool) else bad("true or false")
+    if hint is int:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else bad("an integer >= 0")
+    if hint is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        return _FLOAT_WORDS[v] if isinstance(v, str) and v in _FLOAT_WORDS else bad('a number (or "nan"/"inf")')
+    if hint is str:
+        return v if isinstance(v, str) else bad("a string")
+    if hint is dict or origin is dict:
+        if not isinstance(v, dict):
+            bad("an object")
+        return {k: _json_value(x, args[1], f"{where}.{k}") for k, x in v.items()} if args else v
+    if hint is list or origin is list:
+        if not isinstance(v, list):
+            bad("a list")
+        return [_json_value(x, args[0], f"{where}[{i}]") for i, x in enumerate(v)] if args else v
+    raise TypeError(f"report field {where}: no JSON reader for {hint!r}")   # a bug of ours
 
 
 def _json_safe(obj: Any) -> Any:

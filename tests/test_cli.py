@@ -667,3 +667,78 @@ def test_console_script_and_help():
     assert r.returncode == 0
     for cmd in ("explain", "dump", "calibrate", "bench"):
         assert cmd in r.stdout
+
+
+# ----------------------------------------------------------------------------- user errors: exit 2, one line
+
+
+def _tiny_profile(path):
+    """A layered profile of a two-unit chain (no model needed to plan it)."""
+    from omnicompile.graphs.dag import make_dag
+    from omnicompile.policies.layered import Profile, dag_to_json
+
+    dag = make_dag(["b#0", "b#1"], [("b#0", "b#1")], chains={"b#0": ("b", 0), "b#1": ("b", 1)})
+    delta = [[None] + [0.01 * (1 + t % 3) for t in range(1, 8)] for _ in range(2)]
+    Profile("fp", 8, ["b#0", "b#1"], "final", delta, dag_to_json(dag)).save(str(path))
+    return path
+
+
+def _one_error_line(capsys, command):
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"omnicache {command}: error: "), out.err
+    assert "Traceback" not in out.err
+    return lines[0]
+
+
+def test_bad_files_and_paths_are_usage_errors(toy_dir, tmp_path, monkeypatch, capsys):
+    """Non-UTF-8 / deeply nested / folder inputs, an --out that cannot be written, a NaN
+    target: exit 2 and one line naming the flag or file and the problem, no traceback."""
+    from omnicompile.cli import main
+
+    monkeypatch.chdir(toy_dir)
+    monkeypatch.syspath_prepend(str(toy_dir))
+    latin = tmp_path / "opts.json"
+    latin.write_bytes(b'{"policy": "st\xe4tic"}')
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 50_000 + "]" * 50_000)
+    prof = _tiny_profile(tmp_path / "profile.json")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    unwritable = str(blocker / "out.json")            # its "folder" is a file: no user can write there
+    cases = [
+        (["explain", "toy_spec:toy", "--options", f"@{latin}"], "is not UTF-8 text: byte 0xe4"),
+        (["explain", "toy_spec:toy", "--options", f"@{deep}"], "deeper than 64 levels"),
+        (["explain", "toy_spec:toy", "--spec-kwargs", f"@{tmp_path}"], "is a directory"),
+        (["plan", str(latin)], "is not UTF-8 text"),
+        (["plan", str(deep)], "deeper than 64 levels"),
+        (["plan", str(tmp_path)], "is a directory"),
+        (["plan", str(prof), "--target-speedup", "nan"], "--target-speedup nan: must be a finite number"),
+        (["plan", str(prof), "--target-speedup", "inf"], "--target-speedup inf: must be a finite number"),
+        (["plan", str(prof), "--out", unwritable], f"--out {unwritable}: cannot create its folder"),
+        (["plan", str(prof), "--out", str(tmp_path)], "is a folder"),
+        (["calibrate", "toy_spec:toy", "--options", '{"policy": "trajectory", "inner_backend": "eager"}',
+          "--out", unwritable], "cannot create its folder"),
+        (["profile", "toy_spec:toy", "--out", unwritable], "cannot create its folder"),
+        (["calibrate", "toy_spec:toy", "--options",
+          json.dumps({"policy": "trajectory", "inner_backend": "eager", "calibrate": str(latin)})],
+         "is not UTF-8 text"),
+        (["explain", "toy_spec:toy", "--options",
+          json.dumps({"policy": "trajectory", "inner_backend": "eager", "calibrate": str(deep)})],
+         "deeper than 64 levels"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        line = _one_error_line(capsys, argv[0])
+        assert words in line, (argv, line)
+    assert main(["plan", str(prof), "--out", str(tmp_path / "new" / "schedule.json")]) == 0
+    assert json.loads((tmp_path / "new" / "schedule.json").read_text())["format"] == "omnicompile-layered-schedule"
+
+
+def test_profile_unknown_option_names_the_field(toy_dir, monkeypatch, capsys):
+    from omnicompile.cli import main
+
+    monkeypatch.chdir(toy_dir)
+    assert main(["profile", "toy_spec:toy", "--out", "p.json", "--options", '{"bogus": 1}']) == 2
+    line = _one_error_line(capsys, "profile")
+    assert "omnicache option 'bogus'" in line and "unknown option; known options: policy" in line

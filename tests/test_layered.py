@@ -259,7 +259,7 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(ScheduleError, match="does not exist"):
         load_file(str(tmp_path / "missing.json"))
     (tmp_path / "x.json").write_text("{")
-    with pytest.raises(ScheduleError, match="not readable JSON"):
+    with pytest.raises(ScheduleError, match="not valid JSON"):
         load_file(str(tmp_path / "x.json"))
     assert issubclass(ScheduleError, CalibrationError)
 

@@ -100,6 +100,53 @@ def test_json_round_trip_and_strictness():
     assert json.loads(rep.to_json(indent=None)) == d
 
 
+def _report_dict():
+    return json.loads(Report([_graph(steps=[_rec(0, 0, 1.0, "computed"), _rec(1, 0, 0.5, "reused")])]).to_json())
+
+
+def _edit(path, value):
+    """A copy of the report's dict with the field at ``path`` (keys and indices) replaced, or
+    deleted when ``value`` is KeyError."""
+    d = _report_dict()
+    node = d
+    for k in path[:-1]:
+        node = node[k]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return json.dumps(d)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[]", "expected a JSON object with 'graphs', got a list"),
+    ('{"graphs": 5}', "field 'graphs': got a number (5); expected a list"),
+    ("{}", "field 'graphs' is missing"),
+    ('{"graphs": [{}]}', "field 'graphs[0].graph_id' is missing"),
+    ('{"graphs": [[]]}', "field 'graphs[0]': got a list; expected an object (GraphReport)"),
+    ('{"graphs": [], "summary": []}', "field 'summary'"),
+    ('{"graphs": [], "summary": {"warnings": "w"}}', "field 'summary.warnings'"),
+    ("{not json", "report JSON is not valid JSON"),
+    (b'{"graphs": ["\xff"]}', "not UTF-8 text: byte 0xff"),
+    ("[" * 1000 + "]" * 1000, "deeper than 64 levels"),
+    (_edit(["graphs", 0, "nodes"], "120"), "field 'graphs[0].nodes': got '120'; expected an integer >= 0"),
+    (_edit(["graphs", 0, "cached"], 1), "field 'graphs[0].cached': got a number (1); expected true or false"),
+    (_edit(["graphs", 0, "steps", 1, "slot"], -1), "field 'graphs[0].steps[1].slot'"),
+    (_edit(["graphs", 0, "steps", 1, "timestep"], "soon"), "field 'graphs[0].steps[1].timestep'"),
+    (_edit(["graphs", 0, "steps", 1, "decisions"], ["R"]), "field 'graphs[0].steps[1].decisions'"),
+    (_edit(["graphs", 0, "steps", 0, "step"], KeyError), "field 'graphs[0].steps[0].step' is missing"),
+    (_edit(["graphs", 0, "spans", 0, "streams"], "x"), "field 'graphs[0].spans[0].streams'"),
+    (_edit(["graphs", 0, "refused", 0], {"code": "x"}), "field 'graphs[0].refused[0].message' is missing"),
+    (_edit(["graphs", 0, "policy"], None), "field 'graphs[0].policy'"),
+])
+def test_from_json_names_what_is_wrong(text, words):
+    with pytest.raises(omnicompile.ReportError) as e:
+        Report.from_json(text)
+    assert words in str(e.value)
+    assert isinstance(e.value, ValueError)
+    assert Report.from_json(json.dumps(_report_dict())).graphs[0].steps[1].decisions == {"blocks[0:2]": "reused"}
+
+
 def test_markdown():
     g = _graph(steps=[_rec(0, 0, 1.0, "computed"), _rec(1, 0, 0.9, "reused", signals={"error": 0.2})])
     fb = _graph(graph_id=4, cached=False, fallback=Reason("no_blocks", "no repeated | blocks"), spans=[], steps=[])

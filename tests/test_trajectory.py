@@ -243,6 +243,12 @@ GOOD = {"format": "omnicompile-trajectory-calibration", "version": 1, "fingerpri
     ({"num_steps": 0}, "'num_steps'"), ({"num_steps": "3"}, "'num_steps'"), ({"shape": [1, "a"]}, "'shape'"),
     ({"slots": 0}, "'slots'"), ({"angle": [None, 0.5]}, "'angle'"), ({"gamma": [None, "a", 1.0]}, "'gamma'"),
     ({"q_norm": [0.0, 1.0, True]}, "'q_norm'"), ({"output": [None, None, math.inf]}, "'output'"),
+    # ranges: what the recording can produce (gamma: fit_gamma's clip [0, 1.5]; angle: acos)
+    ({"gamma": [None, 1e308, 0.7]}, r"'gamma'.*\[0\.0, 1\.5\]"), ({"gamma": [None, -1e6, 0.7]}, "'gamma'"),
+    ({"gamma": [None, 1.6, 0.7]}, "'gamma'"), ({"angle": [None, None, 4.0]}, r"'angle'.*\[0, pi\]"),
+    ({"q_norm": [0.0, -1.0, 2.0]}, "'q_norm'"), ({"output": [None, -0.1, 0.2]}, "'output'"),
+    ({"shape": [1, 0, 4]}, "'shape'"), ({"shape": []}, "'shape'"), ({"slots": 1000}, "'slots'"),
+    ({"slot": 2}, "'slot' is not a field"),
 ])
 def test_calibration_rejections(change, words):
     assert Calibration.from_json(dict(GOOD)).num_steps == 3
@@ -282,3 +288,45 @@ def test_loading_a_mismatched_file_is_an_error(tmp_path):
     oc = OmniCache(policy="trajectory", calibrate=str(p), inner_backend="eager")
     with pytest.raises(Exception, match="fingerprint"):
         sample(torch.compile(model, backend=oc, fullgraph=True), kw, uncond, steps=10)
+
+
+def _doubled(kw):
+    """``kw`` with a batch of two (every batched input repeated)."""
+    return {k: torch.cat([v, v]) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v
+            for k, v in kw.items()}
+
+
+def test_calls_per_step_of_the_calibration_are_checked(tmp_path):
+    """A calibration keeps its calls per step (``slots``): one made with CFG split into two
+    calls is refused on a run that batches CFG into one call of the same latent shape (and
+    the reverse) — every step computed, ``calibration_slots`` reported — while the run it
+    was made for reuses."""
+    model, kw, uncond = _setup()
+    kw2, uncond2 = _doubled(kw), _doubled(uncond)            # split CFG at batch 2: latent [2, N, C]
+    files = {}
+    for cfg in ("split", "batched"):
+        torch._dynamo.reset()
+        oc = OmniCache(policy="trajectory", calibrate=None, inner_backend="eager")
+        fn = torch.compile(model, backend=oc, fullgraph=True)
+        files[cfg] = tmp_path / f"{cfg}.json"
+        if cfg == "split":
+            oc.calibrate(lambda: sample(fn, kw2, uncond2, steps=STEPS, cfg="split"), path=str(files[cfg]))
+        else:                                                 # batched CFG of batch 1: latent [2, N, C]
+            oc.calibrate(lambda: sample(fn, kw, uncond, steps=STEPS, cfg="batched"), path=str(files[cfg]))
+    assert json.loads(files["split"].read_text())["slots"] == 2
+    assert json.loads(files["batched"].read_text())["slots"] == 1
+    runs = {"split": lambda fn: sample(fn, kw2, uncond2, steps=STEPS, cfg="split"),
+            "batched": lambda fn: sample(fn, kw, uncond, steps=STEPS, cfg="batched")}
+    for made, run in (("split", "split"), ("split", "batched"), ("batched", "split")):
+        torch._dynamo.reset()
+        oc = OmniCache(policy="trajectory", calibrate=str(files[made]), inner_backend="eager")
+        runs[run](torch.compile(model, backend=oc, fullgraph=True))
+        g = oc.report().graphs[0]
+        refused = [r for r in g.refused if r.code == "calibration_slots"]
+        if made == run:
+            assert g.hit_rate > 0 and not refused
+        else:
+            assert g.hit_rate == 0, (made, run)
+            assert refused and f"calibrated with {json.loads(files[made].read_text())['slots']} call(s)" \
+                in refused[0].message
+            assert "refused at step" in g.generation_log[-1].plan

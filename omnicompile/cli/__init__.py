@@ -30,8 +30,12 @@ Modules, one per subcommand group:
   created, collected with :func:`omnicompile.backend.recording`).
 
 Exit codes: 0 success; 2 a usage error — bad SPEC, a module that cannot be imported, a
-callable that returns the wrong thing, bad options, nothing to calibrate — reported as one
-line on stderr, no traceback; 1 anything else (``--traceback`` shows it).  ``print`` happens
+callable that returns the wrong thing, bad options (``--options``/``--spec-kwargs`` text or
+``@file``: not a regular UTF-8 file, too large or too deeply nested, not JSON), a bad
+calibration / profile / schedule file (any :class:`~omnicompile.errors.OmniCacheError`),
+an ``--out`` that cannot be written (checked before the work starts), nothing to calibrate —
+reported as one line on stderr (``omnicache COMMAND: error: ...``), no traceback; 1 anything
+else (``--traceback`` shows it).  ``print`` happens
 here and in the subcommand modules only; the library logs.
 """
 from __future__ import annotations
@@ -44,7 +48,9 @@ from typing import Callable, Optional
 
 from omnicompile.cli.bench import cmd_bench
 from omnicompile.cli.calibrate import calibratable_policies, cmd_calibrate, cmd_plan, cmd_profile
-from omnicompile.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Failure, Progress, UsageError, load_spec
+from omnicompile.cli.common import (
+    EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Failure, Progress, UsageError, load_spec, users_error,
+)
 from omnicompile.cli.inspect import cmd_dump, cmd_explain
 
 __all__ = ["main", "load_spec", "UsageError", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "calibratable_policies"]
@@ -176,6 +182,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILURE
+    except Exception as e:
+        user = users_error(e)         # a configuration / calibration / file error: the user's to fix
+        if user is None:
+            raise
+        if args.traceback:
+            import traceback
+            traceback.print_exception(e)
+        msg = (str(user).strip().splitlines() or [type(user).__name__])[0]
+        print(f"omnicache {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         log.setLevel(old_level)
         if handler in log.handlers:

@@ -20,11 +20,12 @@ profile without the model (``--out`` writes it as schedule JSON).  Either file i
 """
 from __future__ import annotations
 
+import math
 import time
-from pathlib import Path
+
 from omnicompile.cli.common import (
     EXIT_OK, Failure, Progress, UsageError, config_from_args, config_from_options, first_line, load_spec,
-    no_env_dump_dir, parse_json_arg, resolve, steps_from_args,
+    no_env_dump_dir, output_path, parse_json_arg, resolve, save_results, steps_from_args, users_error,
 )
 
 __all__ = ["calibratable_policies", "cmd_calibrate", "cmd_profile", "cmd_plan"]
@@ -89,7 +90,6 @@ def _reuse_lines(oc, steps: int) -> list[str]:
 def cmd_calibrate(args, extra, progress: Progress) -> int:
     import torch
 
-    from omnicompile.errors import OmniCacheError
     from omnicompile.registry import POLICIES
 
     config = config_from_args(args)
@@ -100,21 +100,21 @@ def cmd_calibrate(args, extra, progress: Progress) -> int:
     if config.policy not in names:
         raise UsageError(f"policy {config.policy!r} has no calibration; choose one of {', '.join(names)} "
                          f"with --options '{{\"policy\": \"{names[0]}\"}}'")
-    out = Path(args.out or f"omnicache-calibration-{config.policy}.json")
+    out = output_path(args.out or f"omnicache-calibration-{config.policy}.json")
     oc, generation, steps = _generation(args, config, progress, progress.bar)
     progress(f"calibrating policy {config.policy} over {steps} steps (inner backend {config.inner_backend})")
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        cals = oc.calibrate(generation, path=str(out))
+        cals = oc.calibrate(generation)
     except UsageError:
         raise
-    except OmniCacheError as e:
-        raise Failure(f"calibration of policy {config.policy!r} failed: {e}") from e
     except Exception as e:
+        user = users_error(e)           # options, a calibration file, a sampler running nothing: the user's
+        if user is not None:
+            raise UsageError(f"calibration of policy {config.policy!r} failed: {user}", e) from None
         raise Failure(f"calibration of policy {config.policy!r} failed: {first_line(e)}") from e
     finally:
         torch._dynamo.reset()
-    paths = [str(out)] if len(cals) == 1 else [f"{out.with_suffix('')}.{i}{out.suffix}" for i in range(len(cals))]
+    paths = save_results(cals, out)
     print(f"wrote {len(cals)} calibration(s) of policy {config.policy!r}: {', '.join(paths)}")
     for line in _reuse_lines(oc, steps):
         print(line)
@@ -125,7 +125,6 @@ def cmd_calibrate(args, extra, progress: Progress) -> int:
 def cmd_profile(args, extra, progress: Progress) -> int:
     import torch
 
-    from omnicompile.errors import OmniCacheError
     from omnicompile.policies.layered import dag_from_json, plan_profile, plan_text, profile
 
     opts = parse_json_arg(args.options, "--options")
@@ -135,17 +134,22 @@ def cmd_profile(args, extra, progress: Progress) -> int:
     opts.setdefault("inner_backend", "eager")
     with no_env_dump_dir():
         config = config_from_options(opts)
+    out = output_path(args.out)
     oc, generation, steps = _generation(args, config, progress)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     progress(f"profiling ({args.method}) over {steps} steps (inner backend {config.inner_backend})")
     t0 = time.perf_counter()
     try:
-        profs = profile(oc, generation, str(out), method=args.method, progress=progress.enabled)
-    except OmniCacheError as e:
-        raise Failure(f"profiling failed: {e}") from e
+        profs = profile(oc, generation, None, method=args.method, progress=progress.enabled)
+    except UsageError:
+        raise
+    except Exception as e:
+        user = users_error(e)
+        if user is None:
+            raise
+        raise UsageError(f"profiling failed: {user}", e) from None
     finally:
         torch._dynamo.reset()
+    save_results(profs, out)
     for prof in profs:
         dag = dag_from_json(prof.dag)
         extra_text = "".join(f", {m} proxy rank correlation {v:.2f}" for m, v in prof.correlation.items()
@@ -162,8 +166,8 @@ def cmd_plan(args, extra, progress: Progress) -> int:
     from omnicompile.graphs.dag import PlanError
     from omnicompile.policies.layered import Profile, Schedule, dag_from_json, load_file, plan_profile, plan_text
 
-    if args.target_speedup < 1.0:
-        raise UsageError(f"--target-speedup {args.target_speedup}: must be >= 1.0")
+    if not (math.isfinite(args.target_speedup) and args.target_speedup >= 1.0):
+        raise UsageError(f"--target-speedup {args.target_speedup}: must be a finite number >= 1.0")
     if args.cache_interval < 1:
         raise UsageError(f"--cache-interval {args.cache_interval}: must be an integer >= 1")
     try:
@@ -175,8 +179,9 @@ def cmd_plan(args, extra, progress: Progress) -> int:
         plan = plan_profile(prof, args.target_speedup, args.cache_interval, dag)
     except (CalibrationError, PlanError) as e:
         raise UsageError(str(e), e) from e
+    out = output_path(args.out) if args.out else None
     print(plan_text(plan, dag))
-    if args.out:
-        Schedule.from_plan(plan, dag, prof.fingerprint, args.cache_interval, args.profile).save(args.out)
+    if out is not None:
+        save_results([Schedule.from_plan(plan, dag, prof.fingerprint, args.cache_interval, args.profile)], out)
         print(f"wrote {args.out}; use it with --options '{{\"policy\": \"layered\", \"calibrate\": \"{args.out}\"}}'")
     return EXIT_OK

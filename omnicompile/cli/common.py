@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -27,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["UsageError", "Failure", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "Progress", "first_line",
-           "parse_json_arg", "config_from_args", "config_from_options", "steps_from_args", "no_env_dump_dir",
+__all__ = ["UsageError", "Failure", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "Progress", "first_line", "users_error",
+           "parse_json_arg", "output_path", "save_results", "config_from_args", "config_from_options", "steps_from_args", "no_env_dump_dir",
            "resolve", "load_spec", "Traced", "TracedGraph", "trace"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -47,6 +46,21 @@ class UsageError(Exception):
 
 class Failure(Exception):
     """A run that failed for a reason worth one line (exit code 1)."""
+
+
+def users_error(e: BaseException):
+    """The :class:`~omnicompile.errors.OmniCacheError` behind ``e`` — ``e`` itself, or what
+    Dynamo wrapped in ``BackendCompilerFailed`` when the backend raised it while compiling —
+    or None: a configuration or file error is the user's (exit 2), anything else a failure."""
+    from omnicompile.errors import OmniCacheError
+
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OmniCacheError):
+            return e
+        e = getattr(e, "inner_exception", None) or e.__cause__
+        seen += 1
+    return None
 
 
 def first_line(e: BaseException) -> str:
@@ -89,23 +103,54 @@ class Progress:
 
 
 def parse_json_arg(text: Optional[str], what: str) -> dict:
-    """A JSON object given as text or ``@file.json`` ({} for None)."""
+    """A JSON object given as text or ``@file.json`` ({} for None), read by
+    :mod:`omnicompile.jsonfile` (a regular UTF-8 file, bounded in size and depth): every
+    problem is a :class:`UsageError` naming ``what`` (and the file)."""
+    from omnicompile.jsonfile import parse_json, read_json
+
     if text is None:
         return {}
-    src = text
     if text.startswith("@"):
-        path = Path(text[1:])
-        try:
-            src = path.read_text()
-        except OSError as e:
-            raise UsageError(f"{what}: cannot read {path}: {e.strerror or e}") from None
-    try:
-        value = json.loads(src)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{what} is not valid JSON ({e.msg} at position {e.pos}): {src!r}") from None
+        value = read_json(text[1:], f"{what} file", UsageError)
+        src = text
+    else:
+        value = parse_json(text, what, UsageError)
+        src = text if len(text) <= 80 else text[:77] + "..."
     if not isinstance(value, dict):
         raise UsageError(f"{what} must be a JSON object like '{{\"policy\": \"static\"}}', got {src!r}")
     return value
+
+
+def output_path(value: str, flag: str = "--out") -> Path:
+    """``--out FILE`` checked before any work is done (a calibration or a profile takes
+    minutes): not a folder, its folder exists or can be created, and it can be written — else
+    a :class:`UsageError` naming the flag, the path and the problem."""
+    path = Path(value)
+    if path.is_dir():
+        raise UsageError(f"{flag} {value}: is a folder; give a file name")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {value}: cannot create its folder {parent}: {e.strerror or e}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {value}: its folder {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {value}: exists and is not writable")
+    return path
+
+
+def save_results(results: list, out: Path, flag: str = "--out") -> list[str]:
+    """Save each result (``.save(path)``) as ``out`` (one) or ``out`` with ``.N`` before its
+    suffix (several, as ``OmniCache.calibrate(path=...)`` names them); a file that cannot be
+    written is a :class:`UsageError`.  Returns the paths written."""
+    paths = [str(out)] if len(results) == 1 else [f"{out.with_suffix('')}.{i}{out.suffix}" for i in range(len(results))]
+    for r, p in zip(results, paths):
+        try:
+            r.save(p)
+        except OSError as e:
+            raise UsageError(f"{flag} {out}: cannot write {p}: {e.strerror or e}", e) from None
+    return paths
 
 
 def config_from_options(options: dict):
@@ -289,6 +334,9 @@ def trace(model, example_kwargs: dict, config, progress: Progress) -> Traced:
         with no_env_dump_dir(), torch.no_grad():
             torch.compile(model, backend=explainer, dynamic=False)(**example_kwargs)
     except Exception as e:
+        user = users_error(e)       # e.g. a bad calibration file in --options: the user's
+        if user is not None:
+            raise UsageError(str(user), e) from None
         raise Failure(f"running the model on its example kwargs under torch.compile failed: {first_line(e)}") from e
     finally:
         log.setLevel(old_level)

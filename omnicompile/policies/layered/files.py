@@ -12,6 +12,7 @@ from typing import Optional
 from omnicompile.errors import ScheduleError
 from omnicompile.graphs.dag import PlanError, make_dag, unit_names
 from omnicompile.graphs.plan import LayeredPlan, check_plan, derive_plan, refine
+from omnicompile.jsonfile import read_json
 
 __all__ = ["Profile", "Schedule", "load_file", "dag_to_json", "dag_from_json", "same_structure",
            "PROFILE_FORMAT", "SCHEDULE_FORMAT", "VERSION", "METHODS"]
@@ -55,23 +56,32 @@ def dag_from_json(d, kind: str = "profile"):
     if not isinstance(units, list) or not units:
         _fail(kind, "dag.units", units, "a non-empty list of units")
     for i, u in enumerate(units):
-        if (not isinstance(u, dict) or not isinstance(u.get("name"), str) or not _is_num(u.get("cost"))
+        if (not isinstance(u, dict) or set(u) != {"name", "cost", "cacheable", "chain", "position"}
+                or not isinstance(u.get("name"), str) or not _is_num(u.get("cost"))
                 or u["cost"] < 0 or not isinstance(u.get("cacheable"), bool) or not isinstance(u.get("chain"), str)
-                or not isinstance(u.get("position"), int) or isinstance(u.get("position"), bool)):
+                or not isinstance(u.get("position"), int) or isinstance(u.get("position"), bool)
+                or u["position"] < 0):
             _fail(kind, f"dag.units[{i}]", u, "{name: str, cost: number >= 0, cacheable: bool, chain: str, "
-                                               "position: int}")
+                                               "position: int >= 0}")
     edges = d.get("edges", [])
     if not isinstance(edges, list) or not all(isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e)
                                               for e in edges):
         _fail(kind, "dag.edges", edges, "a list of [unit, unit] pairs")
     sides = d.get("sides", [])
     if not isinstance(sides, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("name"), str) and _is_num(s.get("cost"))
-            and isinstance(s.get("consumers"), list) for s in sides):
-        _fail(kind, "dag.sides", sides, "a list of {name, cost, consumers}")
+            isinstance(s, dict) and isinstance(s.get("name"), str) and _is_num(s.get("cost")) and s["cost"] >= 0
+            and isinstance(s.get("consumers"), list) and all(isinstance(c, str) for c in s["consumers"])
+            for s in sides):
+        _fail(kind, "dag.sides", sides, "a list of {name: str, cost: number >= 0, consumers: [unit, ...]}")
     fixed = d.get("fixed", 0.0)
     if not _is_num(fixed) or fixed < 0:
         _fail(kind, "dag.fixed", fixed, "a number >= 0")
+    unknown = sorted(set(d) - {"units", "edges", "sides", "fixed"})
+    if unknown:
+        _fail(kind, f"dag.{unknown[0]}", d[unknown[0]], "no such field (dag fields: units, edges, sides, fixed)")
+    # costs are FLOPs (latencies): the planner sums them, so their sum must be a float too
+    if not math.isfinite(math.fsum([u["cost"] for u in units] + [s["cost"] for s in sides] + [fixed])):
+        _fail(kind, "dag.units", "costs summing past the largest float", "costs whose sum is finite")
     names = [u["name"] for u in units]
     try:
         return make_dag(names, [tuple(e) for e in edges], {u["name"]: u["cost"] for u in units},
@@ -100,10 +110,13 @@ def _head(d, fmt: str, kind: str) -> None:
         _fail(kind, "version", d.get("version"), str(VERSION))
 
 
-def _keyed_head(d, fmt: str, kind: str) -> tuple[str, int, list]:
-    """Format and version checked; the fields every layered file is keyed by: the graph's
-    fingerprint, the step count and the unit names."""
+def _keyed_head(d, fmt: str, kind: str, fields) -> tuple[str, int, list]:
+    """Format and version checked, no field but ``fields``; the fields every layered file is
+    keyed by: the graph's fingerprint, the step count and the unit names."""
     _head(d, fmt, kind)
+    unknown = sorted(set(d) - set(fields) - {"format", "version"})
+    if unknown:
+        _fail(kind, unknown[0], d[unknown[0]], f"no such field (a layered {kind} has {', '.join(fields)})")
     fp = _need(d, kind, "fingerprint", str, lambda v: len(v) > 0, "a non-empty string")
     n = _need(d, kind, "num_steps", int, lambda v: v >= 1, "a positive integer")
     units = _need(d, kind, "units", list, lambda v: len(v) > 0 and all(isinstance(x, str) for x in v),
@@ -170,7 +183,7 @@ class Profile(_JsonFile):
     @classmethod
     def from_json(cls, d) -> "Profile":
         k = "profile"
-        fp, n, units = _keyed_head(d, PROFILE_FORMAT, k)
+        fp, n, units = _keyed_head(d, PROFILE_FORMAT, k, [f.name for f in dataclasses.fields(cls)])
         method = _need(d, k, "method", str, lambda v: v in METHODS, f"one of {METHODS}")
 
         def table(v):
@@ -189,8 +202,8 @@ class Profile(_JsonFile):
                                                  for m, v in corr.items()):
             _fail(k, "correlation", corr, "an object {method: null or a number in [-1, 1]}")
         seconds = d.get("seconds", 0.0)
-        if not _is_num(seconds):
-            _fail(k, "seconds", seconds, "a number")
+        if not _is_num(seconds) or seconds < 0:
+            _fail(k, "seconds", seconds, "a number >= 0")
         settings = d.get("settings", {})
         if not isinstance(settings, dict):
             _fail(k, "settings", settings, "an object")
@@ -222,7 +235,7 @@ class Schedule(_JsonFile):
     @classmethod
     def from_json(cls, d) -> "Schedule":
         k = "schedule"
-        fp, n, units = _keyed_head(d, SCHEDULE_FORMAT, k)
+        fp, n, units = _keyed_head(d, SCHEDULE_FORMAT, k, [f.name for f in dataclasses.fields(cls)])
         marks = _need(d, k, "marks", dict, lambda v: set(v) == set(units) and all(
             isinstance(m, str) and len(m) == n and set(m) <= {"C", "R"} for m in v.values()),
                       f"one string of {n} letters C/R per unit")
@@ -235,9 +248,13 @@ class Schedule(_JsonFile):
         dag = _need(d, k, "dag", dict, want="an object")
         dag_from_json(dag, k)
         regions = d.get("regions", [])
-        if not isinstance(regions, list):
-            _fail(k, "regions", regions, "a list of lists of unit names")
-        return cls(fp, n, units, marks, ts, interval, float(ideal), reached, dag, regions, str(d.get("source", "")))
+        if not isinstance(regions, list) or not all(
+                isinstance(r, list) and r and all(isinstance(u, str) and u in marks for u in r) for r in regions):
+            _fail(k, "regions", regions, "a list of non-empty lists of the schedule's unit names")
+        source = d.get("source", "")
+        if not isinstance(source, str):
+            _fail(k, "source", source, "a string (the profile it was planned from)")
+        return cls(fp, n, units, marks, ts, interval, float(ideal), reached, dag, regions, source)
 
     def plan(self, dag) -> LayeredPlan:
         """The plan on ``dag``, checked: it must be what refinement leaves (every invariant
@@ -256,13 +273,7 @@ class Schedule(_JsonFile):
 
 def load_file(path: str):
     """A :class:`Profile` or a :class:`Schedule` from JSON (told apart by ``format``)."""
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise ScheduleError(f"layered profile/schedule file {path!r} does not exist") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ScheduleError(f"layered profile/schedule file {path!r} is not readable JSON: {e}") from None
+    d = read_json(path, "layered profile/schedule file", ScheduleError)
     fmt = d.get("format") if isinstance(d, dict) else None
     if fmt == SCHEDULE_FORMAT:
         return Schedule.from_json(d)

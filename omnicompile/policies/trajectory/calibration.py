@@ -27,7 +27,8 @@ import torch.fx as fx
 
 from omnicompile.calibration import Calibrator
 from omnicompile.errors import CalibrationError
-from omnicompile.graphs.schedule import angle_scores, fit_gamma, output_change_scores
+from omnicompile.graphs.schedule import GAMMA_MAX, GAMMA_MIN, angle_scores, fit_gamma, output_change_scores
+from omnicompile.jsonfile import read_json
 from omnicompile.passes.common import is_param_placeholder, node_signature
 
 __all__ = ["Calibration", "Recorder", "TrajectoryCalibrator", "graph_fingerprint", "FORMAT", "VERSION"]
@@ -46,6 +47,24 @@ def graph_fingerprint(gm: fx.GraphModule) -> str:
             if isinstance(ev, torch.Tensor):
                 h.update(f"{tuple(ev.shape)}{ev.dtype}".encode())
     return h.hexdigest()[:32]
+
+
+#: the most calls per step a calibration may claim (CFG makes 2, a few guidance schemes 3–4;
+#: more would be a corrupted file)
+MAX_SLOTS = 64
+#: the range of every per-step list, from how :class:`Recorder` computes it:
+#: ``angle`` is an ``acos`` (radians, [0, pi]); ``output`` a relative change |y - y'| / |y'|
+#: and ``q_norm`` a norm (both >= 0, finite: any finite size may be genuine); ``gamma`` the
+#: least-squares noise ratio clipped by :func:`~omnicompile.graphs.schedule.fit_gamma` (a
+#: gamma outside it was not measured: 1e308 overflows the correction, -1e6 inverts it)
+RANGES = {"angle": (0.0, math.pi, "[0, pi]"), "output": (0.0, math.inf, "[0, inf)"),
+          "gamma": (GAMMA_MIN, GAMMA_MAX, f"[{GAMMA_MIN}, {GAMMA_MAX}]"), "q_norm": (0.0, math.inf, "[0, inf)")}
+FIELDS = {"fingerprint", "num_steps", "shape", "slots", *RANGES}
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
 
 
 def _num(v):
@@ -75,50 +94,62 @@ class Calibration:
 
     @classmethod
     def from_json(cls, d) -> "Calibration":
+        """A calibration from its JSON value; every field is checked for its type and for the
+        range the recording can produce (see the comments), so a bad file fails here, never in
+        the middle of a generation."""
         if not isinstance(d, dict):
             raise CalibrationError(f"calibration: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
-            raise CalibrationError(f"calibration field 'format': expected {FORMAT!r}, got {d.get('format')!r}")
+            raise CalibrationError(f"calibration field 'format': expected {FORMAT!r}, got {_short(d.get('format'))}")
         if d.get("version") != VERSION:
-            raise CalibrationError(f"calibration field 'version': expected {VERSION}, got {d.get('version')!r}")
+            raise CalibrationError(f"calibration field 'version': expected {VERSION}, got {_short(d.get('version'))}")
+        unknown = sorted(set(d) - FIELDS - {"format", "version"})
+        if unknown:
+            raise CalibrationError(f"calibration field {unknown[0]!r} is not a field of a trajectory calibration "
+                                   f"(fields: {', '.join(sorted(FIELDS))})")
+
         def need(name, kind, check=lambda v: True, what=""):
             if name not in d:
                 raise CalibrationError(f"calibration field {name!r} is missing")
             v = d[name]
             if not isinstance(v, kind) or isinstance(v, bool) or not check(v):
-                raise CalibrationError(f"calibration field {name!r}: got {v!r}; expected {what}")
+                raise CalibrationError(f"calibration field {name!r}: got {_short(v)}; expected {what}")
             return v
-        fp = need("fingerprint", str, lambda v: len(v) > 0, "a non-empty string")
+        fp = need("fingerprint", str, lambda v: 0 < len(v) <= 256, "a non-empty string (the graph's hash)")
         n = need("num_steps", int, lambda v: v >= 1, "a positive integer")
-        shape = need("shape", list, lambda v: all(isinstance(x, int) for x in v), "a list of integers")
-        slots = need("slots", int, lambda v: v >= 1, "a positive integer")
+        shape = need("shape", list, lambda v: 0 < len(v) <= 8 and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v),
+            "the latent's shape: a list of 1 to 8 positive integers")
+        slots = need("slots", int, lambda v: 1 <= v <= MAX_SLOTS,
+                     f"the calls per step: an integer in [1, {MAX_SLOTS}]")
         lists = {}
-        for name in ("angle", "output", "gamma", "q_norm"):
+        for name, (lo, hi, words) in RANGES.items():
             lists[name] = need(name, list, lambda v: len(v) == n and all(
-                x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
-                for x in v), f"a list of {n} numbers or nulls (one per step)")
-        return cls(fp, n, shape, slots, **lists)
+                x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                              and lo <= x <= hi) for x in v),
+                f"a list of {n} nulls or numbers in {words} (one per step)")
+        return cls(fp, n, shape, slots, **{k: [None if x is None else float(x) for x in v] for k, v in lists.items()})
 
     @classmethod
     def load(cls, path: str) -> "Calibration":
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise CalibrationError(f"calibration file {path!r} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise CalibrationError(f"calibration file {path!r} is not valid JSON: {e}") from None
-        return cls.from_json(d)
+        return cls.from_json(read_json(path, "trajectory calibration file", CalibrationError))
 
-    def check_matches(self, fingerprint: str, shape: list, slots: int) -> None:
+    def check_matches(self, fingerprint: str, shape: list, slots: Optional[int] = None) -> None:
+        """CalibrationError unless the calibration was made for this graph (``fingerprint``),
+        latent ``shape`` and — where known — ``slots`` calls per step (a run's calls per step
+        are known only once its first step is over: the runtime checks them then, see
+        :meth:`slots_mismatch`)."""
         if self.fingerprint != fingerprint:
             raise CalibrationError(f"calibration field 'fingerprint': {self.fingerprint} was made for another "
                                    f"model or graph (this graph: {fingerprint}); recalibrate")
         if list(self.shape) != list(shape):
             raise CalibrationError(f"calibration field 'shape': {self.shape} but the input is {list(shape)}")
-        if self.slots != slots:
-            raise CalibrationError(f"calibration field 'slots': calibrated with {self.slots} call(s) per step, "
-                                   f"this run makes {slots}")
+        if slots is not None and self.slots != slots:
+            raise CalibrationError(self.slots_mismatch(slots))
+
+    def slots_mismatch(self, slots: int) -> str:
+        return (f"calibration field 'slots': calibrated with {self.slots} call(s) per step, this run makes "
+                f"{slots}")
 
     # ---------------------------------------------------------------- schedule
     def scores(self, curvature: str) -> list[float]:

@@ -124,10 +124,48 @@ class TrajectoryRuntime(Runtime):
         """Raise CalibrationError unless ``cal`` was made for this graph (a graph with symbolic
         sizes takes a calibration of any shape; it applies to generations of that shape)."""
         shape = cal.shape if self.symbolic_latent else self.latent_shape
-        cal.check_matches(self.fingerprint, shape, cal.slots)
+        cal.check_matches(self.fingerprint, shape)     # the calls per step: per generation, _slots_fit
         if self.config.num_steps is not None and self.config.num_steps != cal.num_steps:
             raise CalibrationError(f"calibration field 'num_steps': calibrated for {cal.num_steps} steps, "
                                    f"option num_steps is {self.config.num_steps}")
+
+    def _slots_fit(self, call, cal: Calibration) -> bool:
+        """Whether the generation of ``call`` makes the calls per step ``cal`` was calibrated
+        with (``cal.slots``): a calibration of CFG run as two calls (cond, uncond) does not
+        describe a run with CFG batched into one call, nor the reverse — its curvature and
+        noise were measured on slot 0 of another kind of call.  Known at the call of one slot
+        more than calibrated, or at the first call of the step after one with fewer; no
+        reuse comes before (step 0 is never reused).  A mismatch *refuses* the calibration
+        for the rest of the generation: every step is computed, ``calibration_slots`` is in
+        ``report.refused`` and the generation's log says so (recalibrate with
+        ``oc.calibrate(fn)`` on the kind of run that is served)."""
+        d = call.session.data
+        if d.get("slots_refused"):
+            return False
+        made = None
+        if call.slot + 1 > cal.slots:
+            made = f"at least {call.slot + 1}"
+        elif call.slot == 0 and d.get("slots_step") is not None and d["slots_step"] < call.step \
+                and d["slots_count"] != cal.slots:
+            made = str(d["slots_count"])
+        if call.slot == 0 and d.get("slots_step") != call.step:
+            d["slots_step"], d["slots_count"] = call.step, 1
+        else:
+            d["slots_count"] = max(d.get("slots_count", 1), call.slot + 1)
+        if made is None:
+            return True
+        d["slots_refused"] = True
+        msg = (f"{cal.slots_mismatch(made)} (step {call.step}): the calibration is not used for this generation, "
+               f"every step is computed; calibrate on this kind of run (oc.calibrate(fn)) to cache it")
+        why = Reason("calibration_slots", msg)
+        if why not in self.report.refused:
+            self.report.refused.append(why)
+            log.warning("omnicompile: %s", msg)
+        for rec in reversed(self.report.generation_log):
+            if rec.generation == call.generation and rec.model == call.model:
+                rec.plan = f"{rec.plan}; refused at step {call.step}: {cal.slots_mismatch(made)}"
+                break
+        return False
 
     def schedule_of(self, cal: Calibration) -> tuple[list[int], list[float]]:
         """The reuse steps and the per-step noise ratios of a calibration (derived once)."""
@@ -173,6 +211,8 @@ class TrajectoryRuntime(Runtime):
         calibrating = self.calibrator.calibrating(call)
         st = call.slots.setdefault(call.slot, {})
         cal = None if calibrating else self.calibrator.lookup_call(call)
+        if cal is not None and not self._slots_fit(call, cal):
+            cal = None
         schedule, gammas = self.schedule_of(cal) if cal is not None else ((), ())
         scheduled = cal is not None and step in schedule and call.certain
         reuse = scheduled and "res" in st and step < cal.num_steps
