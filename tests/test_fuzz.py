@@ -18,6 +18,7 @@ import dataclasses
 import os
 import random
 import sys
+import time
 from typing import Optional
 
 import pytest
@@ -203,6 +204,10 @@ def check(res: Result) -> dict:
         r = grec.report
         if grec.runtime is None:
             code = r.fallback.code if r.fallback is not None else None
+            if code == "non_tensor_operand" and case.dynamic and _cond_guard(case):
+                # known bug: see test_cond_guard_with_dynamic_true_caches_the_graph
+                event("known bug: cond guard with dynamic=True refused (non_tensor_operand)")
+                continue
             if code not in ALLOWED_REFUSALS.get(case.policy, ()):
                 raise Mismatch(f"graph {r.graph_id} compiled uncached: {r.fallback}")
     if case.policy == "none":
@@ -230,6 +235,10 @@ def check(res: Result) -> dict:
         counts["calls"] += got["calls"]
         counts["reused"] += got["reused"]
     return counts
+
+
+def _cond_guard(case: Case) -> bool:
+    return case.policy == "probe" or dict(case.options).get("guard") == "cond"
 
 
 def _check_places(res: Result) -> None:
@@ -314,11 +323,17 @@ STATS: dict = {"cases": 0, "calls": 0, "reused": 0}
 @SEED
 @given(case=cases())
 def test_fuzz_differential(case):
+    start = time.perf_counter()
     res = run_case(case)
     try:
         got = check(res)
     except AssertionError as e:
+        if FUZZ_SEED is not None:
+            print(f"fuzz case {STATS['cases'] + 1}: MISMATCH {case}", file=sys.stderr, flush=True)
         raise Mismatch(f"{case}\n  {e}" + (f"\n  (fuzz seed {FUZZ_SEED})" if FUZZ_SEED is not None else "")) from None
+    if FUZZ_SEED is not None:        # progress, for runs cut short by a timeout
+        print(f"fuzz case {STATS['cases'] + 1}: ok {time.perf_counter() - start:.1f}s, {got['calls']} calls, "
+              f"{got['reused']} reused: {case}", file=sys.stderr, flush=True)
     if any(len({gi for gi, _ in served}) > 1 for served in res.served):
         event("a generation split over recompiled graphs (places not checked)")
     STATS["cases"] += 1
@@ -454,3 +469,17 @@ def test_generation_split_over_recompiled_graphs_keeps_its_places():
     first, second = backend.rec.graphs
     got = [(r.step, r.slot) for g in (first, second) for r in g.report.steps]
     assert got == places, f"recorded {got}, the loop's {places}"
+
+
+@pytest.mark.xfail(strict=True, reason="known bug (found by the fuzzer): with torch.compile(dynamic=True) Dynamo "
+                   "turns float module attributes (LayerNorm eps, dropout p) into 0-d tensor inputs read with "
+                   ".item(); a span reading such a SymFloat from outside itself is refused for torch.cond "
+                   "(non_tensor_operand), so guard='cond' (and the probe) leave the whole graph uncached")
+def test_cond_guard_with_dynamic_true_caches_the_graph():
+    model = get_model("flux", (2, 2))
+    oc = omnicompile.OmniCache(policy="static", guard="cond", interval=2, warmup=1, inner_backend="eager")
+    rec = Recorder(oc)
+    fn = torch.compile(model, backend=rec, fullgraph=True, dynamic=True)
+    run_generation(fn, "flux", Shape(1, (4, 4)), 4, "off", "timesteps", 0)
+    (graph,) = oc.report().graphs
+    assert graph.cached, graph.fallback
