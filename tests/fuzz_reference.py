@@ -44,6 +44,7 @@ def compare(got, want, where: str, atol: float, rtol: float) -> None:
             continue
         if o.shape != w.shape:
             raise Mismatch(f"{where}, output {i}: shape {tuple(o.shape)}, reference {tuple(w.shape)}")
+        o, w = o.detach(), w.detach()
         if not torch.allclose(o.float(), w.float(), atol=atol, rtol=rtol, equal_nan=True):
             d = (o.float() - w.float()).abs()
             raise Mismatch(f"{where}, output {i}: max |diff| {float(d.max()):.3g} (reference max |value| "

@@ -23,7 +23,7 @@ from typing import Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, seed, settings
+from hypothesis import HealthCheck, Phase, event, given, seed, settings
 from hypothesis import strategies as st
 
 import omnicompile
@@ -39,13 +39,16 @@ if FUZZ_EXAMPLES:
     FUZZ_SEED = int(os.environ.get("OMNICACHE_FUZZ_SEED") or random.SystemRandom().randrange(2 ** 32))
     print(f"\nomnicompile fuzz: {FUZZ_EXAMPLES} cases, seed {FUZZ_SEED} "
           f"(replay: OMNICACHE_FUZZ_EXAMPLES={FUZZ_EXAMPLES} OMNICACHE_FUZZ_SEED={FUZZ_SEED})", file=sys.stderr)
+    # no shrinking: a case takes seconds (minutes when it traces); the failing case is printed in full
     PROFILE = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=False,
-                       suppress_health_check=list(HealthCheck), print_blob=True)
+                       suppress_health_check=list(HealthCheck), print_blob=True,
+                       phases=(Phase.explicit, Phase.reuse, Phase.generate))
     SEED = seed(FUZZ_SEED)
 else:
     FUZZ_SEED = None
     PROFILE = settings(max_examples=CI_EXAMPLES, deadline=None, database=None, derandomize=True,
-                       suppress_health_check=list(HealthCheck), print_blob=True)
+                       suppress_health_check=list(HealthCheck), print_blob=True,
+                       phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink))
     SEED = lambda f: f   # noqa: E731  (derandomize: the sequence is fixed by the test itself)
 
 POLICIES = ("none", "static", "reuse_steps", "trajectory", "probe", "layered")
@@ -331,7 +334,7 @@ def test_fuzz_differential(case):
         if FUZZ_SEED is not None:
             print(f"fuzz case {STATS['cases'] + 1}: MISMATCH {case}", file=sys.stderr, flush=True)
         raise Mismatch(f"{case}\n  {e}" + (f"\n  (fuzz seed {FUZZ_SEED})" if FUZZ_SEED is not None else "")) from None
-    if FUZZ_SEED is not None:        # progress, for runs cut short by a timeout
+    if FUZZ_SEED is not None or os.environ.get("OMNICACHE_FUZZ_PROGRESS"):   # for runs cut short by a timeout
         print(f"fuzz case {STATS['cases'] + 1}: ok {time.perf_counter() - start:.1f}s, {got['calls']} calls, "
               f"{got['reused']} reused: {case}", file=sys.stderr, flush=True)
     if any(len({gi for gi, _ in served}) > 1 for served in res.served):
