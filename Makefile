@@ -1,5 +1,7 @@
 # make demo  — set up a local virtualenv and run the demo on the embedded default model
 # make test  — set up the same virtualenv and run the whole test suite
+# make fuzz  — the differential fuzzer, FUZZ_EXAMPLES cases (2,000) with a random seed it prints;
+#              FUZZ_SEED=<n> replays one run
 #
 # torch is pinned and installed first: a bare `torch` would pull a multi-GB CUDA build.
 # On a GPU machine, set TORCH_SPEC (e.g. TORCH_SPEC='torch==2.11.0') or reuse its torch
@@ -15,7 +17,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.omnicompile-$(subst =,-,$(TORCH_SPEC))
 BENCH_STAMP := $(VENV)/.omnicompile-bench
 
-.PHONY: demo test bench setup clean
+FUZZ_EXAMPLES ?= 2000
+FUZZ_SEED ?=
+
+.PHONY: demo test fuzz bench setup clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -32,6 +37,10 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+
+fuzz: $(STAMP)
+	OMNICACHE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) OMNICACHE_FUZZ_SEED=$(FUZZ_SEED) \
+		$(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py -k differential --hypothesis-show-statistics
 
 demo: $(BENCH_STAMP)
 	$(PY) bench/demo.py
