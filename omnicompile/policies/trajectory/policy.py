@@ -21,6 +21,8 @@ class TrajectoryPolicy(Policy):
     """Trajectory-guided global reuse (see :mod:`omnicompile.policies.trajectory`)."""
 
     guards = ("variants",)
+    options = ("budget", "calibrate", "correction", "curvature", "min_gap", "max_run", "run_correction",
+               "correction_band", "warmup", "cooldown", "reuse_steps")
     calibratable = True
     default_budget: Optional[float] = None   # presets set these
     default_max_run: Optional[int] = None
@@ -31,14 +33,14 @@ class TrajectoryPolicy(Policy):
     @property
     def budget(self) -> float:
         c = self.config
-        if self.default_budget is not None and c.budget == c.__dataclass_fields__["budget"].default:
+        if self.default_budget is not None and not c.is_set("budget"):
             return self.default_budget
         return c.budget
 
     @property
     def max_run(self) -> Optional[int]:
         c = self.config
-        if self.default_max_run is not None and c.max_run == c.__dataclass_fields__["max_run"].default:
+        if self.default_max_run is not None and not c.is_set("max_run"):
             return self.default_max_run
         return c.max_run
 
