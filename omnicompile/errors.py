@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from omnicompile.passes.errors import PassError, RewriteError
 
-__all__ = ["OmniCacheError", "ConfigError", "RewriteError", "PassError", "CalibrationError", "ScheduleError"]
+__all__ = ["OmniCacheError", "ConfigError", "RewriteError", "PassError", "CalibrationError", "ScheduleError",
+           "StepCountError"]
 
 
 class OmniCacheError(Exception):
@@ -28,3 +29,8 @@ class CalibrationError(OmniCacheError, ValueError):
 
 class ScheduleError(CalibrationError):
     """A layered profile or schedule (JSON) is malformed or does not fit the graph it is used for."""
+
+
+class StepCountError(OmniCacheError, ValueError):
+    """A generation has more steps than its policy can schedule (the message names the limit
+    and the step count seen)."""

@@ -26,14 +26,22 @@ import torch
 import torch.fx as fx
 
 from omnicompile.calibration import Calibrator
-from omnicompile.errors import CalibrationError
-from omnicompile.graphs.schedule import angle_scores, fit_gamma, output_change_scores
+from omnicompile.errors import CalibrationError, StepCountError
+from omnicompile.graphs.schedule import MAX_STEPS, angle_scores, fit_gamma, output_change_scores
 from omnicompile.passes.common import is_param_placeholder, node_signature
 
-__all__ = ["Calibration", "Recorder", "TrajectoryCalibrator", "graph_fingerprint", "FORMAT", "VERSION"]
+__all__ = ["Calibration", "Recorder", "TrajectoryCalibrator", "graph_fingerprint", "check_steps", "FORMAT",
+           "VERSION"]
 
 FORMAT = "omnicompile-trajectory-calibration"
 VERSION = 1
+
+
+def check_steps(policy: str, n: int, where: str) -> None:
+    """StepCountError unless a generation of ``n`` steps can be scheduled (``MAX_STEPS``)."""
+    if n > MAX_STEPS:
+        raise StepCountError(f"policy {policy!r} schedules generations of at most {MAX_STEPS} steps "
+                             f"(omnicompile.graphs.schedule.MAX_STEPS); {where} has {n}")
 
 
 def graph_fingerprint(gm: fx.GraphModule) -> str:
@@ -89,7 +97,8 @@ class Calibration:
                 raise CalibrationError(f"calibration field {name!r}: got {v!r}; expected {what}")
             return v
         fp = need("fingerprint", str, lambda v: len(v) > 0, "a non-empty string")
-        n = need("num_steps", int, lambda v: v >= 1, "a positive integer")
+        n = need("num_steps", int, lambda v: 1 <= v <= MAX_STEPS,
+                 f"a positive integer, at most {MAX_STEPS} (omnicompile.graphs.schedule.MAX_STEPS)")
         shape = need("shape", list, lambda v: all(isinstance(x, int) for x in v), "a list of integers")
         slots = need("slots", int, lambda v: v >= 1, "a positive integer")
         lists = {}
