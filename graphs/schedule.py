@@ -19,15 +19,29 @@ freshly computed step) — chosen by a dynamic program, never in the protected w
 with the budget allocated across phases of sampling (``phase_weights``: early, middle, late
 thirds; the paper spreads reuse over early and middle sampling, where the denoiser can
 still correct errors, instead of the late-only reuse similarity triggers produce).
+
+*Cost.*  The dynamic program's states are (run length, gap, picks so far): it runs as a
+loop over a dict of states for short runs and as tensor operations over every pick count
+at once for long ones (:func:`_pack`), in time linear in the step count — 4,000 steps went
+from 47 s (and over 14 minutes with runs of up to three) to 7-14 s on 2 loaded CPU cores.
+:data:`MAX_STEPS` bounds the steps a schedule takes; the trajectory policy refuses longer
+generations with a typed error.
 """
 from __future__ import annotations
 
 import math
 from typing import Optional, Sequence
 
-__all__ = ["angle_scores", "output_change_scores", "select_reuse_steps", "fit_gamma", "GAMMA_MIN", "GAMMA_MAX", "DEFAULT_PHASE_WEIGHTS"]
+import torch
+
+__all__ = ["angle_scores", "output_change_scores", "select_reuse_steps", "fit_gamma", "GAMMA_MIN", "GAMMA_MAX",
+           "DEFAULT_PHASE_WEIGHTS", "MAX_STEPS"]
 
 DEFAULT_PHASE_WEIGHTS = (0.45, 0.45, 0.10)
+#: the longest run :func:`select_reuse_steps` schedules.  Its dynamic program takes a few
+#: tensor operations per step and pick count (2 CPU cores under load: 1,000 steps ~1-2 s,
+#: 4,000 steps ~7-14 s); samplers use tens to a thousand steps.
+MAX_STEPS = 10_000
 
 
 def angle_scores(dots: Sequence[float], norms: Sequence[float]) -> list[float]:
@@ -55,6 +69,16 @@ def _phase(s: int, n: int) -> int:
     return min(2, (3 * s) // n)
 
 
+#: programs with at most this many states per step run as a loop (:func:`_pack`); both take
+#: time linear in the steps, the loop's per step grows with the states times the picks kept
+#: per state, the tensors' barely (about even at 1,500 on 2 CPU cores)
+_LOOP_STATES = 1_500
+#: rank of a transition that lost on cost (ranks are compared only between equal costs)
+_UNREACHED = 1 << 62
+#: ranks double every step; they are renumbered densely before they pass this
+_RENUMBER_AT = 1 << 50
+
+
 def _pack(scores: Sequence[float], ok: Sequence[bool], lo: int, hi: int, phase_of, targets: Optional[Sequence[int]],
           max_run: Optional[int], gap_need: int, kmax: int):
     """Dynamic program over steps ``lo..hi-1``: the cheapest (sum of scores) set of picks on
@@ -62,8 +86,26 @@ def _pack(scores: Sequence[float], ok: Sequence[bool], lo: int, hi: int, phase_o
     and two runs are separated by at least ``gap_need`` unpicked steps.
 
     With ``targets``, phase ``p`` gets exactly ``targets[p]`` picks; returns the picks or None
-    when that is infeasible.  Without, returns ``{k: (cost, picks)}`` for every reachable
-    count ``k <= kmax``.  Ties go to the earlier steps (lexicographically smallest picks)."""
+    when that is infeasible.  Without, returns ``{k: cost}`` for every reachable count
+    ``k <= kmax``.  Ties go to the earlier steps (lexicographically smallest picks).
+
+    Two implementations give the same answer (tests/test_schedule.py compares them): a loop
+    over a dict of states (:func:`_pack_loop`, quickest for small programs) and tensor
+    operations over every pick count at once (:func:`_pack_tensor`, for long runs: its cost
+    per step barely grows with the quota, where the loop's grows with the quota squared —
+    4,000 steps took 47 s with the loop alone, runs of up to three over 14 minutes)."""
+    counts = (max(targets) if targets is not None else kmax) + 1
+    kinds = max(gap_need, 1) + 1 + (max_run if max_run is not None else 1)
+    if counts * kinds <= _LOOP_STATES:
+        return _pack_loop(scores, ok, lo, hi, phase_of, targets, max_run, gap_need, kmax)
+    return _pack_tensor(scores, ok, lo, hi, phase_of, targets, max_run, gap_need, kmax)
+
+
+def _pack_loop(scores: Sequence[float], ok: Sequence[bool], lo: int, hi: int, phase_of, targets: Optional[Sequence[int]],
+          max_run: Optional[int], gap_need: int, kmax: int):
+    """:func:`_pack` as a plain loop over a dict of states, each holding its best prefix's
+    picks: the quicker one for small programs (a few hundred states), its cost grows with
+    the steps times the states times the picks copied."""
     r_cap = max_run if max_run is not None else 1
     # state: (run length so far (0 = last step unpicked), unpicked steps since the last run
     # (capped at gap_need), picks in the current phase) -> (cost, picks)
@@ -93,10 +135,115 @@ def _pack(scores: Sequence[float], ok: Sequence[bool], lo: int, hi: int, phase_o
         best = min((v for (r, g, c), v in states.items() if c == want), default=None)
         return None if best is None else list(best[1])
     by_k: dict = {}
-    for (r, g, c), v in states.items():
-        if c not in by_k or v < by_k[c]:
-            by_k[c] = v
+    for (r, g, c), (cost, _) in states.items():
+        if c not in by_k or cost < by_k[c]:
+            by_k[c] = cost
     return by_k
+
+
+def _pack_tensor(scores: Sequence[float], ok: Sequence[bool], lo: int, hi: int, phase_of, targets: Optional[Sequence[int]],
+          max_run: Optional[int], gap_need: int, kmax: int):
+    """Dynamic program over steps ``lo..hi-1``: the cheapest (sum of scores) set of picks on
+    ``ok`` steps where runs of consecutive picks are at most ``max_run`` long (None: any)
+    and two runs are separated by at least ``gap_need`` unpicked steps.
+
+    With ``targets``, phase ``p`` gets exactly ``targets[p]`` picks; returns the picks or None
+    when that is infeasible.  Without, returns ``{k: cost}`` for every reachable count
+    ``k <= kmax``.  Ties go to the earlier steps (lexicographically smallest picks).
+
+    A state is (run length so far (0 = last step unpicked), unpicked steps since the last run
+    (capped), picks in the current phase); the program keeps, per state, the cost of its best
+    prefix as one float64 tensor over the pick count (one row per (run, gap) kind), so a step
+    is a few tensor operations whatever the quota, and a back-pointer per state (which
+    transition won) from which the picks are read at the end.  Ties between prefixes of equal
+    cost are broken by the *rank* of each state's prefix among the live ones: ordering
+    prefixes ``P`` by ``P + (inf,)`` lexicographically, a prefix extended by step ``i`` (larger
+    than every step in it) keeps its place against every other, just before its own
+    unextended self — so the new rank is ``2 * rank + (0 if picked else 1)``, renumbered
+    densely before it overflows, and among prefixes with as many picks this is the
+    lexicographic order of their steps.  Costs add up in step order along a path, as a plain
+    loop would."""
+    r_cap = max_run if max_run is not None else 1
+    g_cap = max(gap_need, 1)
+    kinds = [(0, g) for g in range(g_cap + 1)] + [(r, 0) for r in range(1, r_cap + 1)]
+    index = {k: j for j, k in enumerate(kinds)}
+    n_k = len(kinds)
+    # the transitions into each kind: (source kind, picked)
+    into: list[list[tuple[int, bool]]] = [[] for _ in kinds]
+    for j, (r, g) in enumerate(kinds):
+        into[index[(0, 1 if r > 0 else min(g + 1, gap_need))]].append((j, False))
+        if r > 0 and (max_run is None or r < max_run):
+            into[index[(min(r + 1, r_cap), 0)]].append((j, True))
+        elif r == 0 and g >= gap_need:
+            into[index[(1, 0)]].append((j, True))
+    width = max(len(t) for t in into)
+    length = (max(targets) if targets is not None else kmax) + 1
+    inf = math.inf
+    # column c + 1 holds pick count c; column 0 is count -1, never reached: a pick's source
+    cost = torch.full((n_k, length + 1), inf, dtype=torch.float64)
+    rank = torch.zeros((n_k, length + 1), dtype=torch.long)    # meaningful where cost is finite
+    start = index[(0, gap_need)]
+    cost[start, 1] = 0.0
+    nothing = torch.full((1, length), inf, dtype=torch.float64)
+    nothing_rank = torch.zeros((1, length), dtype=torch.long)
+    # what a pick adds on top of its score: inf at counts above the phase's cap
+    over = {}
+
+    def penalty(cap):
+        if cap not in over:
+            over[cap] = torch.tensor([0.0 if c <= cap else inf for c in range(length)], dtype=torch.float64)
+        return over[cap]
+
+    def candidates(stay, pick, none):
+        """[kind, transition, count]: the value of every transition into each kind."""
+        parts = []
+        for t in into:
+            parts += [(pick if picked else stay)[j:j + 1] for j, picked in t] + [none] * (width - len(t))
+        return torch.cat(parts).view(n_k, width, length)
+
+    choices = []
+    top = 0                                   # the largest rank a state may hold
+    for i in range(lo, hi):
+        if targets is not None and i > lo and phase_of(i) != phase_of(i - 1):
+            want = targets[phase_of(i - 1)]
+            kept_cost, kept_rank = cost[:, want + 1].clone(), rank[:, want + 1].clone()
+            cost[:, 1:] = inf
+            cost[:, 1] = kept_cost
+            rank[:, 1] = kept_rank
+        cap = targets[phase_of(i)] if targets is not None else kmax
+        pick = cost[:, :length] + (penalty(cap) + float(scores[i])) if ok[i] else cost[:, :1].expand(n_k, length)
+        cand = candidates(cost[:, 1:], pick, nothing)
+        best = cand.amin(dim=1)
+        if targets is not None:
+            twice = rank * 2
+            cand_rank = candidates(twice[:, 1:] + 1, twice[:, :length], nothing_rank)
+            cand_rank = torch.where(cand == best.unsqueeze(1), cand_rank, _UNREACHED)
+            best_rank, choice = cand_rank.min(dim=1)
+            rank[:, 1:] = best_rank
+            choices.append(choice.to(torch.uint8) if width < 256 else choice)
+            top = 2 * top + 1
+            if top >= _RENUMBER_AT:            # dense ranks again (their order is all that counts)
+                rank = torch.unique(rank, return_inverse=True)[1]
+                top = n_k * (length + 1)
+        cost[:, 1:] = best
+    if targets is None:
+        by_k = cost[:, 1:].amin(dim=0).tolist()
+        return {c: v for c, v in enumerate(by_k) if math.isfinite(v)}
+    want = targets[phase_of(hi - 1)] if hi > lo else 0
+    end_cost, end_rank = cost[:, want + 1].tolist(), rank[:, want + 1].tolist()
+    finals = [j for j in range(n_k) if math.isfinite(end_cost[j])]
+    if not finals:
+        return None
+    kind = min(finals, key=lambda j: (end_cost[j], end_rank[j]))
+    c, picks = want, []
+    for i in range(hi - 1, lo - 1, -1):
+        kind, picked = into[kind][int(choices[i - lo][kind, c])]
+        if picked:
+            picks.append(i)
+            c -= 1
+        if i > lo and phase_of(i) != phase_of(i - 1):
+            c = targets[phase_of(i - 1)]
+    return picks[::-1]
 
 
 def select_reuse_steps(scores: Sequence[float], budget: float, min_gap: int = 2, warmup: int = 2,
@@ -115,8 +262,11 @@ def select_reuse_steps(scores: Sequence[float], budget: float, min_gap: int = 2,
     run rules) passes the rest to the phase where one more reuse costs least.  Then a dynamic
     program picks, per phase, exactly its share with the lowest total score — packing steps
     tightly where a greedy choice would strand quota between its picks.  Ties: earlier steps.
+    More than :data:`MAX_STEPS` scores raise ``ValueError``.
     """
     n = len(scores)
+    if n > MAX_STEPS:
+        raise ValueError(f"a schedule has at most MAX_STEPS = {MAX_STEPS} steps, got {n}")
     if not 0.0 <= budget < 1.0:
         raise ValueError(f"budget must be in [0, 1), got {budget}")
     if min_gap < 1:
@@ -134,7 +284,7 @@ def select_reuse_steps(scores: Sequence[float], budget: float, min_gap: int = 2,
     for ph in range(3):
         steps = [s for s in range(n) if _phase(s, n) == ph]
         bounds.append((steps[0], steps[-1] + 1) if steps else (0, 0))
-    curves = [_pack(scores, ok, lo, hi, phase_of, None, max_run, gap_need, quota) if hi > lo else {0: (0.0, ())}
+    curves = [_pack(scores, ok, lo, hi, phase_of, None, max_run, gap_need, quota) if hi > lo else {0: 0.0}
               for lo, hi in bounds]
     caps = [max(c) for c in curves]
     w = [max(0.0, float(x)) for x in list(phase_weights)[:3]] + [0.0] * max(0, 3 - len(phase_weights))
@@ -150,7 +300,7 @@ def select_reuse_steps(scores: Sequence[float], budget: float, min_gap: int = 2,
 
     def marginal(ph):
         t = targets[ph]
-        return curves[ph][t + 1][0] - curves[ph][t][0]
+        return curves[ph][t + 1] - curves[ph][t]
 
     while sum(targets) < quota:
         room = [ph for ph in range(3) if targets[ph] < caps[ph]]
@@ -177,7 +327,7 @@ def select_reuse_steps(scores: Sequence[float], budget: float, min_gap: int = 2,
         if best is not None:
             return best[1]
         ph = max((p for p in range(3) if targets[p] > 0),
-                 key=lambda p: (curves[p][targets[p]][0] - curves[p][targets[p] - 1][0], p))
+                 key=lambda p: (curves[p][targets[p]] - curves[p][targets[p] - 1], p))
         targets[ph] -= 1
 
 

@@ -13,7 +13,9 @@ through the ``torch_dynamo_backends`` entry point.  A policy of one's own implem
 from __future__ import annotations
 
 from omnicompile.config import OmniCacheConfig
-from omnicompile.errors import CalibrationError, ConfigError, OmniCacheError, ReportError, RewriteError, ScheduleError
+from omnicompile.errors import (
+    CalibrationError, ConfigError, OmniCacheError, ReportError, RewriteError, ScheduleError, StepCountError,
+)
 from omnicompile.registry import POLICIES, register_policy
 from omnicompile.policy import Policy, SchedulePolicy
 from omnicompile import policies as _policies  # noqa: F401  (registers the built-in policies)
@@ -23,7 +25,8 @@ from omnicompile.pipeline import PipelineCache, compile_pipeline
 from omnicompile.report import Report
 
 __all__ = ["OmniCache", "OmniCacheConfig", "ConfigError", "OmniCacheError", "RewriteError", "CalibrationError",
-           "ScheduleError", "ReportError", "POLICIES", "register_policy", "Policy", "SchedulePolicy", "omnicache_backend",
+           "ScheduleError", "ReportError", "StepCountError", "POLICIES", "register_policy", "Policy", "SchedulePolicy",
+           "omnicache_backend",
            "last_report", "Report", "compile_pipeline", "PipelineCache", "generation", "Generation",
            "current_generation"]
 __version__ = "0.1.0"

@@ -14,6 +14,17 @@ Defaults and where they come from:
   or the length of the previous generation).
 * ``guard="auto"``: static schedules use host-chosen specialised variants, data-dependent
   policies the in-graph ``torch.cond`` branch (``bench/speed.py`` measures both).
+
+**Options a policy never reads are refused.**  The config remembers which options its caller
+*set* (passed by name: ``OmniCacheConfig(...)``, ``OmniCache(...)``, ``options={...}``, the CLI's
+``--options``; a field left to its default is not set, whatever its value).  A set option
+that is neither one of :data:`COMMON_OPTIONS` (what every policy runs with: the backend, the
+runtime, the token/frame/block cache layer, dumps) nor one the selected policy declares in
+its ``options`` class attribute (:class:`omnicompile.policy.Policy`) raises
+:class:`~omnicompile.errors.ConfigError` naming the option and the registered policies that do
+read it — ``policy="static", threshold=0.1`` would otherwise run a static schedule while its
+user believes a threshold was applied.  :meth:`OmniCacheConfig.to_options` gives the set
+options back (what rebuilds an equal config); :meth:`OmniCacheConfig.to_dict` gives every field.
 """
 from __future__ import annotations
 
@@ -28,13 +39,20 @@ from omnicompile.passes.errors import OptionError
 from omnicompile.passes.merge.options import MergeOptions
 from omnicompile.registry import POLICIES
 
-__all__ = ["OmniCacheConfig", "GUARDS", "INNER_BACKENDS", "STRICT_ENV"]
+__all__ = ["OmniCacheConfig", "GUARDS", "INNER_BACKENDS", "STRICT_ENV", "COMMON_OPTIONS"]
 
 GUARDS = ("auto", "variants", "cond")
 INNER_BACKENDS = ("inductor", "eager")
 #: environment variable that turns strict mode on (``OMNICACHE_STRICT=1``)
 STRICT_ENV = "OMNICACHE_STRICT"
 _MERGE = MergeOptions()
+#: options every policy runs with, so never refused as unused: the policy itself, the step
+#: count (the runtime), guard / inner_backend / strict / dump_dir (the backend and dumps) and
+#: the token/frame/block caches (:class:`~omnicompile.passes.merge.MergeOptions`, a layer that
+#: wraps any policy, ``none`` included).  Everything else belongs to the policies that declare
+#: it in their ``options``.
+COMMON_OPTIONS = frozenset({"policy", "num_steps", "guard", "inner_backend", "dump_dir", "strict"}
+                           | {f.name for f in dataclasses.fields(MergeOptions)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +81,7 @@ class OmniCacheConfig:
     #: every call
     report_generations: int = 8
     #: trajectory: fraction of all steps reused (OmniCache; presets trajectory-slow /
-    #: trajectory-fast pick 0.5 / 0.7 when this is left at its default)
+    #: trajectory-fast pick 0.5 / 0.7 when this is not set)
     budget: float = 0.4
     #: trajectory: "first" (calibrate on the first generation of each shape), a JSON path
     #: written by oc.calibrate / `omnicache calibrate`, or None (only oc.calibrate(fn));
@@ -79,7 +97,7 @@ class OmniCacheConfig:
     min_gap: int = 2
     #: trajectory: longest run of consecutive reused steps (None: unbounded); in a run the
     #: correction chains the predicted noise (sum over k of prod gamma); the presets
-    #: trajectory-slow / -fast pick 2 when this is left at its default
+    #: trajectory-slow / -fast pick 2 / 3 when this is not set
     max_run: Optional[int] = 1
     #: trajectory: restrict the noise correction to a band of spatial frequencies of the
     #: output's token grid: (lo, hi) as fractions of the highest frequency, e.g. (0, 0.5) =
@@ -129,6 +147,14 @@ class OmniCacheConfig:
     #: graph being compiled uncached (deliberate refusals still fall back, with their reason).
     #: Also ``OMNICACHE_STRICT=1``.  The test suite runs strict.
     strict: bool = False
+
+    def __new__(cls, *args, **kwargs):
+        # which options the caller set (by name or position): __post_init__ refuses those the
+        # policy never reads; a field filled in by its default is never "set"
+        self = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        object.__setattr__(self, "_set", frozenset(names[:len(args)]) | frozenset(kwargs))
+        return self
 
     def __post_init__(self):
         _check_type("policy", self.policy, str)
@@ -213,10 +239,26 @@ class OmniCacheConfig:
             if not os.fspath(self.dump_dir).strip():
                 raise ConfigError("dump_dir", self.dump_dir, "must be a folder path or None, not empty")
         cls = POLICIES[self.policy]
+        self._check_used(cls)
         if self.guard != "auto" and self.guard not in cls.guards:
             raise ConfigError("guard", self.guard, f"policy {self.policy!r} runs under guard "
                               f"{' or '.join(repr(g) for g in cls.guards)}; use that or 'auto'")
         cls.validate(self)
+
+    def _check_used(self, cls) -> None:
+        """ConfigError for the first set option (in field order) that neither every policy nor
+        policy ``cls`` reads, naming the registered policies that do read it."""
+        reads = COMMON_OPTIONS | set(getattr(cls, "options", ()))
+        for f in dataclasses.fields(self):
+            if f.name in self._set and f.name not in reads:
+                users = sorted(name for name, pc in POLICIES.items() if f.name in getattr(pc, "options", ()))
+                where = f"it is used by: {', '.join(users)}" if users else "no registered policy uses it"
+                raise ConfigError(f.name, getattr(self, f.name),
+                                  f"option {f.name!r} is not used by policy {self.policy!r}; {where}")
+
+    def is_set(self, name: str) -> bool:
+        """True when the caller set option ``name`` (False for a field left to its default)."""
+        return name in self._set
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -225,7 +267,7 @@ class OmniCacheConfig:
         merged: dict[str, Any] = {}
         if options is not None:
             if isinstance(options, OmniCacheConfig):
-                merged.update(dataclasses.asdict(options))
+                merged.update(options._set_values())
             elif not isinstance(options, dict):
                 raise ConfigError("options", options, "must be a dict of omnicache options")
             else:
@@ -244,7 +286,17 @@ class OmniCacheConfig:
         return cls(**merged)
 
     def replace(self, **changes) -> "OmniCacheConfig":
-        return self.from_options(dataclasses.asdict(self), **changes)
+        """The config with ``changes`` set on top of the options this one was built from."""
+        return self.from_options(self._set_values(), **changes)
+
+    def _set_values(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in self._set}
+
+    def to_options(self) -> dict:
+        """The options the caller set, JSON-ready: ``from_options(c.to_options()) == c``
+        (``to_dict`` has every field, and would set options the policy does not read)."""
+        d = self.to_dict()
+        return {k: v for k, v in d.items() if k in self._set}
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

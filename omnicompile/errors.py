@@ -8,7 +8,7 @@ from __future__ import annotations
 from omnicompile.passes.errors import PassError, RewriteError
 
 __all__ = ["OmniCacheError", "ConfigError", "RewriteError", "PassError", "CalibrationError", "ScheduleError",
-           "ReportError"]
+           "ReportError", "StepCountError"]
 
 
 class OmniCacheError(Exception):
@@ -34,3 +34,8 @@ class ScheduleError(CalibrationError):
 class ReportError(OmniCacheError, ValueError):
     """A report given as JSON (:meth:`omnicompile.report.Report.from_json`) is malformed: the
     message names the field and what it should be."""
+
+
+class StepCountError(OmniCacheError, ValueError):
+    """A generation has more steps than its policy can schedule (the message names the limit
+    and the step count seen)."""

@@ -13,6 +13,13 @@ asks anything else of it and never branches on its type:
     The guards the policy runs under, its default first (``guard="auto"`` picks it):
     ``"variants"`` (the host picks a compiled graph per step) and/or ``"cond"`` (one graph,
     ``torch.cond`` on an in-graph predicate).  The config refuses any other.
+``options`` (class attribute)
+    The names of the config options it reads beyond those every policy runs with
+    (:data:`omnicompile.config.COMMON_OPTIONS`: ``num_steps``, ``guard``, the token/frame/block
+    caches, ...).  An option the user sets that is in neither raises
+    :class:`~omnicompile.errors.ConfigError` naming the policies whose ``options`` list it, so
+    a plugin lists every option it reads (``toy-tail``: ``("warmup",)``).  A subclass inherits
+    its parent's (the trajectory presets).
 ``calibratable`` (class attribute)
     True when its runtimes hold a :class:`~omnicompile.calibration.Calibrator` (they learn
     from a first generation): ``OmniCache.calibrate`` and ``omnicache calibrate`` accept it.
@@ -49,6 +56,8 @@ class Policy(abc.ABC):
     name: ClassVar[str] = "?"
     rewrites: ClassVar[bool] = True
     guards: ClassVar[tuple[str, ...]] = ("variants", "cond")
+    #: config options this policy reads beyond omnicompile.config.COMMON_OPTIONS
+    options: ClassVar[tuple[str, ...]] = ()
     calibratable: ClassVar[bool] = False
 
     def __init__(self, config):

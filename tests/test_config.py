@@ -9,7 +9,14 @@ from omnicompile import ConfigError, OmniCache, OmniCacheConfig
 def test_defaults_and_roundtrip():
     c = OmniCacheConfig()
     assert c.policy == "static" and c.interval == 2 and c.guard == "auto"
-    assert OmniCacheConfig.from_options(c.to_dict()) == c
+    assert OmniCacheConfig(**c.to_options()) == c and c.to_options() == {}
+    p = OmniCacheConfig(policy="probe", threshold=0.2, align_clip=[1, 2], strict=False)
+    assert p.to_options() == {"policy": "probe", "threshold": 0.2, "align_clip": [1.0, 2.0], "strict": False}
+    assert OmniCacheConfig.from_options(p.to_options()) == p
+    assert OmniCacheConfig.from_options(p) == p and OmniCache(p).config == p
+    # to_dict has every field: fed back, it sets options the policy never reads
+    with pytest.raises(ConfigError, match="'budget' is not used by policy 'static'"):
+        OmniCacheConfig.from_options(c.to_dict())
     with pytest.raises(Exception):
         c.interval = 3  # frozen
 
@@ -98,3 +105,100 @@ def test_non_finite_numbers_dicts_and_empty_paths_are_refused_at_construction(fi
     with pytest.raises(ConfigError) as e:
         OmniCacheConfig(**fields)
     assert e.value.field == field
+
+
+# ----------------------------------------------------------------------------- options a policy never reads
+
+
+@pytest.mark.parametrize("fields, users", [
+    ({"policy": "static", "threshold": 0.1}, "probe"),
+    ({"policy": "probe", "budget": 0.5}, "trajectory, trajectory-fast, trajectory-slow"),
+    ({"policy": "none", "interval": 3}, "static"),
+    ({"policy": "trajectory", "target_speedup": 2.0}, "layered"),     # the default value, set: still refused
+    ({"policy": "trajectory", "target_speedup": 2.5}, "layered"),
+    ({"policy": "trajectory-fast", "target_speedup": 3.0}, "layered"),
+    ({"policy": "probe", "target_speedup": 3.0}, "layered"),
+    ({"policy": "probe", "warmup": 3}, "static, trajectory, trajectory-fast, trajectory-slow"),
+    ({"policy": "layered", "interval": 3}, "static"),
+    ({"policy": "layered", "correction": False}, "trajectory, trajectory-fast, trajectory-slow"),
+    ({"policy": "static", "calibrate": "cal.json"}, "layered, trajectory, trajectory-fast, trajectory-slow"),
+    ({"policy": "trajectory", "cache_interval": 3}, "layered"),
+    ({"threshold": 0.1}, "probe"),                                       # policy left to its default: static
+])
+def test_an_option_the_policy_never_reads_is_refused_by_every_route(fields, users):
+    """``policy="static", threshold=0.1`` ran a static schedule and ignored the threshold;
+    ``policy="trajectory", target_speedup=3.0`` gave trajectory's default schedule."""
+    from omnicompile.cli.common import UsageError, config_from_options
+    (name, value), = [(k, v) for k, v in fields.items() if k != "policy"]
+    policy = fields.get("policy", "static")
+    with pytest.raises(ConfigError) as e:
+        OmniCacheConfig(**fields)
+    assert e.value.field == name and e.value.value == value
+    head = f"option {name!r} is not used by policy {policy!r}; it is used by: "
+    assert head in str(e.value)
+    listed = str(e.value).split(head)[1].split(", ")
+    # the built-in users, and any plugin registered in this process (tests/toy_policy.py reads warmup)
+    assert set(users.split(", ")) <= set(listed) and listed == sorted(listed)
+    assert all(name in omnicompile.POLICIES[p].options for p in listed)
+    with pytest.raises(ConfigError, match=f"not used by policy {policy!r}"):
+        OmniCache(**fields)
+    with pytest.raises(ConfigError, match=f"not used by policy {policy!r}"):
+        OmniCacheConfig.from_options(fields)
+    with pytest.raises(UsageError, match=f"option {name!r} is not used by policy {policy!r}"):
+        config_from_options(dict(fields))                # the CLI's --options
+
+
+def test_unread_option_through_torch_compile_names_it():
+    lin = torch.nn.Linear(2, 2)
+    c = torch.compile(lin, backend="omnicache", options={"policy": "static", "threshold": 0.1})
+    with pytest.raises(Exception) as e:
+        c(torch.randn(1, 2))
+    assert "option 'threshold' is not used by policy 'static'; it is used by: probe" in str(e.value)
+
+
+def test_defaults_never_count_as_set_and_common_options_go_with_every_policy():
+    common = dict(num_steps=10, guard="auto", inner_backend="eager", strict=True, dump_dir="d", token_ratio=0.2,
+                  frame_ratio=0.1, block_ratio=0.1, patch=2, merge_ffn=True, merge_exclude=1, merge_fill="output",
+                  merge_placement="paper", merge_rotate=False, merge_refresh=2)
+    for policy in ("none", "static", "probe", "trajectory", "trajectory-slow", "trajectory-fast", "layered"):
+        c = OmniCacheConfig(policy=policy, **common)
+        assert c.threshold == 0.4 and c.interval == 2 and not c.is_set("threshold") and c.is_set("num_steps")
+    # replace() keeps what was set, so switching policy under a set option is refused too
+    c = OmniCacheConfig(policy="static", interval=3)
+    assert c.replace(warmup=1).is_set("interval") and not c.replace(warmup=1).is_set("budget")
+    with pytest.raises(ConfigError, match="option 'interval' is not used by policy 'probe'"):
+        c.replace(policy="probe")
+    assert OmniCacheConfig(policy="static").replace(policy="probe").policy == "probe"
+
+
+def test_which_policy_reads_an_option_comes_from_the_policies_declarations():
+    """A plugin declares the options it reads (``Policy.options``): they are accepted with it and
+    named as its own in the error of a policy that does not read them; one it does not declare
+    is refused."""
+    from omnicompile.policy import SchedulePolicy
+
+    @omnicompile.register_policy("test_thresholded")
+    class Thresholded(SchedulePolicy):
+        options = ("threshold", "warmup")
+
+        def decide(self, step, num_steps, n_spans):
+            return (step >= self.config.warmup,) * n_spans
+
+    try:
+        assert OmniCache(policy="test_thresholded", threshold=0.2, warmup=1).config.threshold == 0.2
+        with pytest.raises(ConfigError, match="it is used by: probe, test_thresholded"):
+            OmniCacheConfig(policy="static", threshold=0.2)
+        with pytest.raises(ConfigError, match="option 'interval' is not used by policy 'test_thresholded'"):
+            OmniCacheConfig(policy="test_thresholded", interval=3)
+    finally:
+        omnicompile.POLICIES.pop("test_thresholded")
+
+
+def test_trajectory_presets_take_an_explicit_budget_even_at_the_default_value():
+    """A preset's own budget / max_run apply when the option is not set; ``budget=0.4`` (the
+    field's default) set on ``trajectory-slow`` was taken for "not set" and gave 0.5."""
+    from omnicompile.registry import make_policy
+    assert make_policy(OmniCacheConfig(policy="trajectory-slow")).budget == 0.5
+    assert make_policy(OmniCacheConfig(policy="trajectory-slow", budget=0.4)).budget == 0.4
+    assert make_policy(OmniCacheConfig(policy="trajectory-fast", max_run=1)).max_run == 1
+    assert make_policy(OmniCacheConfig(policy="trajectory-fast")).max_run == 3

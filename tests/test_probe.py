@@ -1,7 +1,10 @@
 """Policy `probe` (DiCache) decided inside the graph, against a plain-PyTorch reference."""
+import contextlib
+
 import pytest
 import torch
 
+import omnicompile
 from omnicompile import ConfigError, OmniCache
 from omnicompile.testing import tiny_flux, with_timestep
 from reference_cache import FluxProbeCache
@@ -99,3 +102,34 @@ def test_probe_config_errors(fields, field):
     with pytest.raises(ConfigError) as e:
         OmniCache(policy="probe", **fields)
     assert e.value.field == field
+
+
+@pytest.mark.parametrize("how", ["num_steps", "context", "learned", "unknown"])
+def test_probe_reuses_with_rising_timesteps_like_falling(how):
+    """Samplers whose timestep rises (t from 0 to 1) reuse the same steps as falling ones: the
+    forced-compute rule is by step index, with the step count from ``num_steps``, a generation
+    context, or (``learned``) the bare loop's previous generation; a first bare generation
+    (``unknown``) does not know its last step and reuses nothing, either way.  The rule used
+    to measure the start of sampling on the timestep when the count was unknown, ``1 - t / t0``
+    with ``t0`` the generation's first timestep — 0 when rising from 0: every step forced, a
+    hit rate of 0 where 1 -> 0 reused 0.75."""
+    model, kw = tiny_flux()
+    n = 8
+    reused = {}
+    for direction, ts in (("falling", [1.0 - i / n for i in range(n)]), ("rising", [i / n for i in range(n)])):
+        torch._dynamo.reset()
+        opts = dict(policy="probe", threshold=100.0, ret_ratio=0.2, inner_backend="eager")   # the probe always agrees
+        if how == "num_steps":
+            opts["num_steps"] = n
+        oc = OmniCache(**opts)
+        fn = torch.compile(model, backend=oc, fullgraph=True)
+        for _ in range(2 if how == "learned" else 1):     # learned: the first bare generation has no count
+            ctx = omnicompile.generation(timesteps=ts) if how == "context" else contextlib.nullcontext()
+            with torch.no_grad(), ctx:
+                for t in ts:
+                    fn(**with_timestep(kw, t))
+        last = [s for s in oc.report().graphs[0].steps if s.generation == (1 if how == "learned" else 0)]
+        assert [s.step for s in last] == list(range(n))
+        reused[direction] = [s.step for s in last if set(s.decisions.values()) == {"reused"}]
+    want = [] if how == "unknown" else [s for s in range(n) if not _force(s, n=n)]
+    assert reused["rising"] == reused["falling"] == want

@@ -1,9 +1,15 @@
 """Trajectory schedule selection: properties over random curvature profiles (hypothesis)."""
 import math
+import random
+from unittest import mock
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
-from omnicompile.graphs.schedule import angle_scores, fit_gamma, output_change_scores, select_reuse_steps
+from omnicompile.graphs import schedule as S
+from omnicompile.graphs.schedule import (
+    MAX_STEPS, angle_scores, fit_gamma, output_change_scores, select_reuse_steps,
+)
 
 profiles = st.lists(st.one_of(st.floats(0, 3.2), st.just(math.inf)), min_size=1, max_size=80)
 
@@ -116,3 +122,42 @@ def test_runs_raise_the_reachable_budget():
     pairs = {b: select_reuse_steps(scores, b, max_run=2) for b in (0.45, 0.5, 0.6)}
     assert [len(pairs[b]) for b in (0.45, 0.5, 0.6)] == [12, 14, 16]
     assert max(len(r) for r in _runs(pairs[0.6])) == 2
+
+
+# ----------------------------------------------------------------------------- long runs
+
+
+@settings(max_examples=40, deadline=None)
+@given(scores=st.lists(st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0, 3), st.just(math.inf)),
+                       min_size=1, max_size=60),
+       budget=st.floats(0, 0.95), gap=st.integers(1, 4), warm=st.integers(0, 4), cool=st.integers(0, 3),
+       max_run=st.sampled_from([1, 2, 3, None]), w=st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)))
+def test_tensor_program_picks_what_the_loop_picks(scores, budget, gap, warm, cool, max_run, w):
+    """Long runs take the tensor form of the dynamic program; it gives the loop's picks exactly,
+    ties (repeated scores) included — earliest steps first."""
+    args = dict(min_gap=gap, warmup=warm, cooldown=cool, max_run=max_run, phase_weights=w)
+    with mock.patch.object(S, "_LOOP_STATES", 10 ** 9):
+        loop = select_reuse_steps(scores, budget, **args)
+    with mock.patch.object(S, "_LOOP_STATES", 0):
+        tensor = select_reuse_steps(scores, budget, **args)
+    assert tensor == loop
+
+
+def test_long_runs_are_scheduled():
+    """The program copied every state's picks at every step: 4,000 steps took 47 s, and over
+    14 minutes with runs of up to three (2 loaded CPU cores); the tensor form schedules 3,000
+    with runs of three in seconds (timed in the issue note, not here: the suite checks the
+    picks; a return to the old cost shows as a suite that does not finish)."""
+    rng = random.Random(0)
+    n = 3000
+    scores = [math.inf, math.inf] + [rng.uniform(0.0, 0.5) for _ in range(n - 2)]
+    steps = select_reuse_steps(scores, 0.7, max_run=3)
+    assert len(steps) == math.floor(0.7 * n)
+    runs = _runs(steps)
+    assert max(len(r) for r in runs) <= 3 and all(b[0] - a[-1] >= 2 for a, b in zip(runs, runs[1:]))
+    assert steps[0] >= 2 and steps[-1] < n - 1
+
+
+def test_schedules_are_bounded():
+    with pytest.raises(ValueError, match=f"at most MAX_STEPS = {MAX_STEPS} steps, got {MAX_STEPS + 1}"):
+        select_reuse_steps([0.5] * (MAX_STEPS + 1), 0.4)

@@ -2,11 +2,13 @@
 reference sampler, and every calibration-file rejection."""
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
 
-from omnicompile import CalibrationError, ConfigError, OmniCache
+import omnicompile
+from omnicompile import CalibrationError, ConfigError, OmniCache, StepCountError
 from omnicompile.testing import tiny_flux
 from omnicompile.policies.trajectory import Calibration
 from reference_cache import FluxResidualCache
@@ -330,3 +332,40 @@ def test_calls_per_step_of_the_calibration_are_checked(tmp_path):
             assert refused and f"calibrated with {json.loads(files[made].read_text())['slots']} call(s)" \
                 in refused[0].message
             assert "refused at step" in g.generation_log[-1].plan
+
+
+# ----------------------------------------------------------------------------- step-count bound
+
+
+def test_step_counts_past_the_schedule_limit_are_refused():
+    """A schedule took 8-27 s at 4,000 steps and over 9 minutes at 16,000 before the first
+    step ran; now a trajectory generation has at most MAX_STEPS steps: refused when configured,
+    at the first call of a generation known to be longer, at the step past the limit of one of
+    unknown length, and in a calibration file."""
+    from omnicompile.graphs.schedule import MAX_STEPS
+    from omnicompile.policies.trajectory import calibration as cal_mod
+
+    with pytest.raises(ConfigError) as e:
+        OmniCache(policy="trajectory-fast", num_steps=MAX_STEPS + 1)
+    assert e.value.field == "num_steps" and f"at most {MAX_STEPS} steps" in str(e.value)
+    assert OmniCache(policy="static", num_steps=MAX_STEPS + 1).config.num_steps == MAX_STEPS + 1
+    OmniCache(policy="trajectory", num_steps=MAX_STEPS)
+
+    model, kw, _ = _setup()
+    oc = OmniCache(policy="trajectory", inner_backend="eager")
+    fn = torch.compile(model, backend=oc, fullgraph=True)
+    with pytest.raises(StepCountError, match=f"at most {MAX_STEPS} steps .*this generation has {MAX_STEPS + 1}"):
+        with torch.no_grad(), omnicompile.generation(num_steps=MAX_STEPS + 1):
+            fn(**kw)
+    # without a step count: at the step past the limit (the limit lowered to keep this short)
+    oc.reset()
+    with mock.patch.object(cal_mod, "MAX_STEPS", 5), torch.no_grad():
+        for i in range(5):
+            fn(**dict(kw, timestep=torch.tensor([1.0 - i / 8])))
+        with pytest.raises(StepCountError, match=r"at most 5 steps .*\(step 5 reached\) has 6"):
+            fn(**dict(kw, timestep=torch.tensor([1.0 - 5 / 8])))
+
+    n = MAX_STEPS + 1
+    d = Calibration("f", n, [1, 2], 1, [None] * n, [None] * n, [None] * n, [None] * n).to_json()
+    with pytest.raises(CalibrationError, match=f"'num_steps'.*at most {MAX_STEPS}"):
+        Calibration.from_json(d)

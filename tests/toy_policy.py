@@ -20,6 +20,8 @@ from omnicompile.policy import SchedulePolicy
 class TailPolicy(SchedulePolicy):
     """Reuse the last span on steps warmup, warmup + 2, ... (not the last step)."""
 
+    options = ("warmup",)      # the config options it reads (any other one set is refused)
+
     def reuse_tail(self, step: int, num_steps: Optional[int]) -> bool:
         warmup = self.config.warmup
         last = num_steps is not None and step == num_steps - 1

@@ -45,6 +45,7 @@ class ProbePolicy(Policy):
     """DiCache (see the module docstring)."""
 
     guards = ("cond",)
+    options = ("threshold", "probe_depth", "ret_ratio", "error", "align", "align_clip")
 
     def forced(self, step: int, num_steps: Optional[int]) -> bool:
         """Steps computed whatever the probe says: the first ``ret_ratio`` of sampling and the

@@ -33,6 +33,8 @@ class StaticPolicy(SchedulePolicy):
     is computed.
     """
 
+    options = ("interval", "warmup", "cooldown", "reuse_steps")
+
     def is_reuse_step(self, step: int, num_steps: Optional[int]) -> bool:
         c = self.config
         if c.reuse_steps is not None:

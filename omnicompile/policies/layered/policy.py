@@ -33,6 +33,7 @@ class LayeredPolicy(Policy):
     """OmniCache's Layered Cache (see :mod:`omnicompile.policies.layered`).  The plan, the
     profile and the profiling modes live in the runtime (:class:`LayeredRuntime`)."""
 
+    options = ("target_speedup", "cache_interval", "calibrate")
     calibratable = True
 
     def make_runtime(self, ctx):

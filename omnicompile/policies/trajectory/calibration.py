@@ -26,15 +26,23 @@ import torch
 import torch.fx as fx
 
 from omnicompile.calibration import Calibrator
-from omnicompile.errors import CalibrationError
-from omnicompile.graphs.schedule import GAMMA_MAX, GAMMA_MIN, angle_scores, fit_gamma, output_change_scores
+from omnicompile.errors import CalibrationError, StepCountError
+from omnicompile.graphs.schedule import GAMMA_MAX, GAMMA_MIN, MAX_STEPS, angle_scores, fit_gamma, output_change_scores
 from omnicompile.jsonfile import read_json
 from omnicompile.passes.common import is_param_placeholder, node_signature
 
-__all__ = ["Calibration", "Recorder", "TrajectoryCalibrator", "graph_fingerprint", "FORMAT", "VERSION"]
+__all__ = ["Calibration", "Recorder", "TrajectoryCalibrator", "graph_fingerprint", "check_steps", "FORMAT",
+           "VERSION"]
 
 FORMAT = "omnicompile-trajectory-calibration"
 VERSION = 1
+
+
+def check_steps(policy: str, n: int, where: str) -> None:
+    """StepCountError unless a generation of ``n`` steps can be scheduled (``MAX_STEPS``)."""
+    if n > MAX_STEPS:
+        raise StepCountError(f"policy {policy!r} schedules generations of at most {MAX_STEPS} steps "
+                             f"(omnicompile.graphs.schedule.MAX_STEPS); {where} has {n}")
 
 
 def graph_fingerprint(gm: fx.GraphModule) -> str:
@@ -116,7 +124,8 @@ class Calibration:
                 raise CalibrationError(f"calibration field {name!r}: got {_short(v)}; expected {what}")
             return v
         fp = need("fingerprint", str, lambda v: 0 < len(v) <= 256, "a non-empty string (the graph's hash)")
-        n = need("num_steps", int, lambda v: v >= 1, "a positive integer")
+        n = need("num_steps", int, lambda v: 1 <= v <= MAX_STEPS,
+                 f"a positive integer, at most {MAX_STEPS} (omnicompile.graphs.schedule.MAX_STEPS)")
         shape = need("shape", list, lambda v: 0 < len(v) <= 8 and all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v),
             "the latent's shape: a list of 1 to 8 positive integers")

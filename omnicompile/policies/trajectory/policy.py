@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-from omnicompile.graphs.schedule import select_reuse_steps
+from omnicompile.errors import ConfigError
+from omnicompile.graphs.schedule import MAX_STEPS, select_reuse_steps
 from omnicompile.passes.common import Reason
-from omnicompile.policies.trajectory.calibration import Calibration
+from omnicompile.policies.trajectory.calibration import Calibration, check_steps
 from omnicompile.policies.trajectory.runtime import TrajectoryRuntime
 from omnicompile.policy import Policy
 from omnicompile.registry import register_policy
 
-__all__ = ["TrajectoryPolicy", "TrajectorySlow", "TrajectoryFast", "MIN_STEPS"]
+__all__ = ["TrajectoryPolicy", "TrajectorySlow", "TrajectoryFast", "MIN_STEPS", "MAX_STEPS"]
 
 #: runs with this many steps or fewer are not cached (too few steps to skip any)
 MIN_STEPS = 8
@@ -21,9 +22,17 @@ class TrajectoryPolicy(Policy):
     """Trajectory-guided global reuse (see :mod:`omnicompile.policies.trajectory`)."""
 
     guards = ("variants",)
+    options = ("budget", "calibrate", "correction", "curvature", "min_gap", "max_run", "run_correction",
+               "correction_band", "warmup", "cooldown", "reuse_steps")
     calibratable = True
     default_budget: Optional[float] = None   # presets set these
     default_max_run: Optional[int] = None
+
+    @classmethod
+    def validate(cls, config) -> None:
+        if config.num_steps is not None and config.num_steps > MAX_STEPS:
+            raise ConfigError("num_steps", config.num_steps, f"policy {config.policy!r} schedules generations of "
+                              f"at most {MAX_STEPS} steps (omnicompile.graphs.schedule.MAX_STEPS)")
 
     def make_runtime(self, ctx):
         return TrajectoryRuntime(ctx, self)
@@ -31,20 +40,21 @@ class TrajectoryPolicy(Policy):
     @property
     def budget(self) -> float:
         c = self.config
-        if self.default_budget is not None and c.budget == c.__dataclass_fields__["budget"].default:
+        if self.default_budget is not None and not c.is_set("budget"):
             return self.default_budget
         return c.budget
 
     @property
     def max_run(self) -> Optional[int]:
         c = self.config
-        if self.default_max_run is not None and c.max_run == c.__dataclass_fields__["max_run"].default:
+        if self.default_max_run is not None and not c.is_set("max_run"):
             return self.default_max_run
         return c.max_run
 
     def schedule(self, cal: Calibration) -> tuple[list[int], Optional[Reason]]:
         """The reuse steps for a calibration (and why there are none, where that is a rule)."""
         n = cal.num_steps
+        check_steps(self.name, n, "the calibration")
         if n <= MIN_STEPS:
             return [], Reason("few_steps", f"{n} steps: runs of {MIN_STEPS} steps or fewer are not cached")
         c = self.config

@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from omnicompile.passes.common import Reason
 from omnicompile.passes.correct import BandFilter, build_corrected_reuse, build_measure_variant, float_outputs
 from omnicompile.passes.rewrite import build_variant
-from omnicompile.policies.trajectory.calibration import Calibration, TrajectoryCalibrator, graph_fingerprint
+from omnicompile.policies.trajectory.calibration import Calibration, TrajectoryCalibrator, check_steps, graph_fingerprint
 from omnicompile.errors import CalibrationError
 from omnicompile.preview import Preview
 from omnicompile.runtime.base import Runtime
@@ -208,6 +208,10 @@ class TrajectoryRuntime(Runtime):
     def __call__(self, *args):
         call = self.advance(args)
         step = call.step
+        # a step count the schedule cannot take: refused at the generation's first call when
+        # it is known (context, num_steps, earlier generations), else at the step past the limit
+        check_steps(self.policy.name, call.num_steps if call.num_steps is not None else step + 1,
+                    "this generation" if call.num_steps is not None else f"this generation (step {step} reached)")
         calibrating = self.calibrator.calibrating(call)
         st = call.slots.setdefault(call.slot, {})
         cal = None if calibrating else self.calibrator.lookup_call(call)
