@@ -209,7 +209,7 @@ def find_units(gm: fx.GraphModule, blocks: BlockAnalysis) -> tuple[list[Group], 
         for i in range(len(units) - 1):
             a, b = units[i], units[i + 1]
             amap = _align(a.nodes, b.nodes)
-            aset, bset = a.node_set, b.node_set
+            aset = a.node_set
             pairs: dict[fx.Node, fx.Node] = {}
             for na, nb in amap.items():
                 for xa, xb in zip(na.all_input_nodes, nb.all_input_nodes):

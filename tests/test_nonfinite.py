@@ -7,7 +7,6 @@ computed step).  With every policy and guard the set of non-finite output steps 
 eager's, the other outputs must equal the reference executor's replay of the decisions the
 report gives, and the report must count the recomputes.
 """
-import pytest
 import torch
 
 import omnicompile
