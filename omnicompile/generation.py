@@ -71,6 +71,20 @@ class Generation:
         #: the generation ran to its end (set by compile_pipeline when the pipeline call returns
         #: without an interrupt; a hand-written loop's context never knows)
         self.completed = False
+        #: each model's step / CFG-slot counting in this generation, shared by every graph that
+        #: places its calls (Dynamo may recompile inside a generation and split its calls over
+        #: two graphs): the id of the model's first parameter -> its counts
+        self._counts: dict = {}
+        self._counts_lock = threading.Lock()
+
+    def counts(self, model_key: int, factory):
+        """The placement counts of the model ``model_key`` in this generation (made by
+        ``factory`` on its first call), shared by every compiled graph of the model."""
+        with self._counts_lock:
+            c = self._counts.get(model_key)
+            if c is None:
+                c = self._counts[model_key] = factory()
+            return c
 
     # ------------------------------------------------------------------ what it knows
     @property

@@ -76,6 +76,24 @@ class Place:
     context: Optional[int] = None  # the generation context's id
 
 
+class Counts:
+    """How far one model's generation got: the steps and CFG slots counted so far.  Inside a
+    generation context it belongs to the generation (one per model, shared by every graph that
+    places the model's calls: a generation Dynamo splits over recompiled graphs keeps one
+    count); caches stay per graph and slot."""
+
+    def __init__(self):
+        self.calls: dict[int, int] = {}
+        self.last_step: Optional[int] = None
+        self.cursor: Optional[int] = None
+        self.calls_here = 0
+        self.per_step: Optional[int] = None
+        self.last_t: Optional[float] = None
+        self.direction = 0
+        self.seen: set = set()
+        self.uncertain = ""
+
+
 class Session:
     """The state of one model in one generation stream: caches per CFG slot (``slots``),
     anything a policy keeps for the generation (``data``), the merge layer's state
@@ -88,18 +106,10 @@ class Session:
         self.slots: dict[int, Any] = {}
         self.data: dict[str, Any] = {}
         self.merge: dict[str, Any] = {}
-        # placement inside a context
-        self.calls: dict[int, int] = {}
-        self.last_step: Optional[int] = None
-        self.cursor: Optional[int] = None
-        self.calls_here = 0
-        self.per_step: Optional[int] = None
-        self.last_t: Optional[float] = None
-        self.direction = 0
-        self.seen: set = set()
         self.uncertain = ""
-        # placement without a context
+        # placement without a context (inside one, the generation holds the Counts)
         self.inferred: Optional[Inferred] = None
+        self.inferred_generation: Optional[tuple] = None
 
     def clear(self) -> None:
         """A new generation: forget the caches and the policy's per-generation state."""
@@ -209,6 +219,35 @@ class Inferred:
         return lengths.pop() if len(lengths) == 1 else None
 
 
+_SHARED: dict[int, tuple] = {}           # id(parameter) -> (weakref, {thread: {signature: Inferred}})
+_SHARED_LOCK = threading.RLock()          # re-entrant: a weakref callback may run inside
+#: input signatures whose placement one (model, thread) stream keeps
+SHARED_SIGNATURES = 16
+
+
+def shared_inferred(param, thread: "_ThreadKey", signature) -> Inferred:
+    """The placement of one model's calls without a context, per thread and input signature,
+    shared by every compiled graph of the model: when Dynamo recompiles inside a generation
+    (same inputs, a failed guard), the second graph continues the first one's step and CFG
+    slot counts instead of starting its own."""
+    with _SHARED_LOCK:
+        e = _SHARED.get(id(param))
+        if e is None or e[0]() is not param:
+            key = id(param)
+
+            def gone(ref, key=key):
+                with _SHARED_LOCK:
+                    if key in _SHARED and _SHARED[key][0] is ref:
+                        del _SHARED[key]
+            e = _SHARED[key] = (weakref.ref(param, gone), weakref.WeakKeyDictionary())
+        per_sig = e[1].setdefault(thread, {})
+        inf = per_sig.pop(signature, None) or Inferred()
+        per_sig[signature] = inf                       # most recent last
+        while len(per_sig) > SHARED_SIGNATURES:
+            del per_sig[next(iter(per_sig))]
+        return inf
+
+
 class Sessions:
     """The sessions of one compiled graph, and the placement of each call."""
 
@@ -306,22 +345,31 @@ class Sessions:
         model = self.model_of(args)
         gen = current_generation()
         if gen is not None:
-            return self._in_context(model, gen, t, dtype)
+            key = id(args[self.param_index]) if self.param_index is not None else id(self)
+            return self._in_context(model, gen.counts(key, Counts), gen, t, dtype)
         sess = self._session((model, _thread_key()), model)
         if t is None:
             p = Place(model, max(sess.generation, 0), 0, 0, False, None, False,
                       "the graph has no timestep input: only a generation context that counts steps places its calls")
             return p, sess
-        if sess.inferred is None:
-            sess.inferred = Inferred()
-        _, step, slot, new, num_steps, why = sess.inferred.place(t, signature)
-        if new:
+        inferred = (shared_inferred(args[self.param_index], _thread_key(), signature)
+                    if self.param_index is not None else sess.inferred or Inferred())
+        sess.inferred = inferred
+        g, step, slot, new, num_steps, why = inferred.place(t, signature)
+        if new or sess.inferred_generation != (id(inferred), g):
+            # a new generation of the stream, or this graph's first call in it (Dynamo recompiled
+            # inside the generation: the graphs share the stream's counts, each its own caches)
+            new = True
+            sess.inferred_generation = (id(inferred), g)
             sess.generation = self._next_generation()
         if self.config_num_steps is not None:
             num_steps = self.config_num_steps
         return Place(model, sess.generation, step, slot, new, num_steps, not why, why), sess
 
-    def _in_context(self, model: int, gen: Generation, t: Optional[float], dtype=None) -> tuple[Place, Session]:
+    def _in_context(self, model: int, c: Counts, gen: Generation, t: Optional[float],
+                    dtype=None) -> tuple[Place, Session]:
+        """Place a call in a generation context: the step and slot from the model's shared
+        ``Counts`` ``c``; the caches in this graph's session."""
         sess = self._session((model, _GenKey(gen)), model)
         new = sess.generation < 0
         if new:
@@ -331,26 +379,27 @@ class Sessions:
         explicit = gen.explicit_step()
         if explicit is not None:
             step = explicit
-            if sess.last_step is not None and step < sess.last_step:
-                sess.uncertain = sess.uncertain or f"the sampler's step went back from {sess.last_step} to {step}"
-            slot = sess.calls.get(step, 0)
-            sess.calls[step] = slot + 1
+            if c.last_step is not None and step < c.last_step:
+                c.uncertain = c.uncertain or f"the sampler's step went back from {c.last_step} to {step}"
+            slot = c.calls.get(step, 0)
+            c.calls[step] = slot + 1
         elif t is None:
-            step, slot = max(sess.last_step or 0, 0), 0
+            step, slot = max(c.last_step or 0, 0), 0
             why = ("the graph has no timestep input and the context does not count steps (use compile_pipeline, "
                    "or generation(count_steps=True) with step_done())")
         elif gen.timesteps is not None:
-            step, slot = self._by_value(sess, _rounded(gen.timesteps, dtype), t)
+            step, slot = self._by_value(c, _rounded(gen.timesteps, dtype), t)
         else:
-            step, slot = self._by_direction(sess, t)
+            step, slot = self._by_direction(c, t)
         if n is not None and not 0 <= step < n:
-            sess.uncertain = sess.uncertain or f"step {step} is outside the generation's {n} steps"
-        sess.last_step = step
-        why = why or sess.uncertain
+            c.uncertain = c.uncertain or f"step {step} is outside the generation's {n} steps"
+        c.last_step = step
+        sess.uncertain = c.uncertain
+        why = why or c.uncertain
         return Place(model, sess.generation, step, slot, new, n, not why, why, gen.source, gen.id), sess
 
     @staticmethod
-    def _by_value(sess: Session, ts: tuple, t: float) -> tuple[int, int]:
+    def _by_value(sess: Counts, ts: tuple, t: float) -> tuple[int, int]:
         if sess.cursor is None:
             idx = _find(ts, t, 0)
             if idx is None:
@@ -374,7 +423,7 @@ class Sessions:
         return idx, 0
 
     @staticmethod
-    def _by_direction(sess: Session, t: float) -> tuple[int, int]:
+    def _by_direction(sess: Counts, t: float) -> tuple[int, int]:
         if sess.last_t is None:
             sess.last_t, sess.seen = t, {t}
             sess.calls_here = 1
