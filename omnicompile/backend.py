@@ -43,6 +43,7 @@ from omnicompile.registry import make_policy, policy_class
 from omnicompile.report import GraphReport, Report
 from omnicompile.passes.specialise import concrete_args, specialise
 from omnicompile.runtime.base import Runtime, RuntimeContext, note_reached, span_reports
+from omnicompile.runtime.placement import SharedPlacement
 from omnicompile.runtime.shapes import PerShape, needs_specialising
 
 log = logging.getLogger("omnicompile")
@@ -97,6 +98,7 @@ class OmniCache:
         self._ids = itertools.count()
         self._calibrating = False
         self._warnings: list[str] = []
+        self._placement = SharedPlacement()    # one step count per model and stream over its graphs
         for created in _recorders:
             created.append(self)
 
@@ -251,7 +253,7 @@ class OmniCache:
         guard = cfg.guard if cfg.guard != "auto" else policy.guards[0]
         ctx = RuntimeContext(gm, example_inputs, blocks, analysis, cfg, report,
                              merge.compiler(inner) if merge is not None else inner,
-                             guard if steps else "tokens", merge)
+                             guard if steps else "tokens", merge, self._placement)
         if steps:
             rt = policy.make_runtime(ctx)
         else:

@@ -51,7 +51,8 @@ _MERGE = MergeOptions()
 #: the token/frame/block caches (:class:`~omnicompile.passes.merge.MergeOptions`, a layer that
 #: wraps any policy, ``none`` included).  Everything else belongs to the policies that declare
 #: it in their ``options``.
-COMMON_OPTIONS = frozenset({"policy", "num_steps", "guard", "inner_backend", "dump_dir", "strict"}
+COMMON_OPTIONS = frozenset({"policy", "num_steps", "guard", "inner_backend", "dump_dir", "strict",
+                            "report_generations"}
                            | {f.name for f in dataclasses.fields(MergeOptions)})
 
 

@@ -309,12 +309,12 @@ def test_dumped_graphs_reload_and_compute_the_same(tmp_path, guard):
                 name = "variant_" + "".join("R" if d else "C" for d in dec)
                 got = load_graph(tmp_path / f"graph7_after_{name}.py")(*ex, *extra)
                 _assert_same(got, rt.graphs[name](*ex, *extra))
-                _assert_same(got, build_variant(gm, spans, dec)(*ex, *extra))
+                _assert_same(got, build_variant(gm, spans, dec, finite=True)(*ex, *extra))
         else:
-            g = build_cond(gm, spans)
+            g = build_cond(gm, spans, finite=True)       # the runtime's: with the finiteness flags
             loaded = load_graph(tmp_path / "graph7_after_cond.py")
             for pred in (False, True):
-                args = [*ex, *[torch.tensor(pred)] * len(spans), *res]
+                args = [*ex, *[torch.tensor(pred)] * len(spans), *res, *[torch.tensor(True)] * len(spans)]
                 got = loaded(*args)
                 _assert_same(got, rt.graphs["cond"](*args))
                 _assert_same(got, g(*args))

@@ -34,7 +34,7 @@ from reference_executor import Recorder, replay
 # ----------------------------------------------------------------------------- profile
 
 FUZZ_EXAMPLES = int(os.environ.get("OMNICACHE_FUZZ_EXAMPLES", "0") or 0)
-CI_EXAMPLES = int(os.environ.get("OMNICACHE_FUZZ_CI_EXAMPLES", "200"))   # make test
+CI_EXAMPLES = int(os.environ.get("OMNICACHE_FUZZ_CI_EXAMPLES", "120"))   # make test
 if FUZZ_EXAMPLES:
     FUZZ_SEED = int(os.environ.get("OMNICACHE_FUZZ_SEED") or random.SystemRandom().randrange(2 ** 32))
     print(f"\nomnicompile fuzz: {FUZZ_EXAMPLES} cases, seed {FUZZ_SEED} "

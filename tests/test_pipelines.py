@@ -35,6 +35,7 @@ def make(family, **kw):
 def compile_recorded(tp, **options):
     """``compile_pipeline`` with every denoiser's OmniCache behind a :class:`Recorder`."""
     options.setdefault("inner_backend", "eager")
+    options.setdefault("report_generations", 1000)     # the replay needs every call in detail
     cache = omnicompile.compile_pipeline(tp.pipe, dynamic=False, **options)
     recorders = {}
     for name, oc in cache.backends.items():

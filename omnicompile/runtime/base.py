@@ -103,6 +103,8 @@ class RuntimeContext:
     guard: str
     #: the token / frame / block caches of this graph, or None
     merge: Any = None
+    #: placement without a context shared by the backend's graphs (runtime.placement), or None
+    shared_placement: Any = None
 
 
 @dataclasses.dataclass
@@ -192,7 +194,7 @@ class Runtime(abc.ABC):
         val = out.args[0]
         self.n_out = len(val) if isinstance(val, (tuple, list)) else 1
         #: the sessions (one model in one generation stream) and the placement of each call
-        self.sessions = Sessions(params[0] if params else None, self.config.num_steps)
+        self.sessions = Sessions(params[0] if params else None, self.config.num_steps, ctx.shared_placement)
         self.compiled: dict[str, Callable] = {}
         self.graphs: dict[str, fx.GraphModule] = {}
         self.signatures: dict[str, str] = {}

@@ -219,41 +219,52 @@ class Inferred:
         return lengths.pop() if len(lengths) == 1 else None
 
 
-_SHARED: dict[int, tuple] = {}           # id(parameter) -> (weakref, {thread: {signature: Inferred}})
-_SHARED_LOCK = threading.RLock()          # re-entrant: a weakref callback may run inside
 #: input signatures whose placement one (model, thread) stream keeps
 SHARED_SIGNATURES = 16
 
 
-def shared_inferred(param, thread: "_ThreadKey", signature) -> Inferred:
-    """The placement of one model's calls without a context, per thread and input signature,
-    shared by every compiled graph of the model: when Dynamo recompiles inside a generation
-    (same inputs, a failed guard), the second graph continues the first one's step and CFG
-    slot counts instead of starting its own."""
-    with _SHARED_LOCK:
-        e = _SHARED.get(id(param))
-        if e is None or e[0]() is not param:
-            key = id(param)
+class SharedPlacement:
+    """The placement of models' calls without a context, per model, thread and input
+    signature, shared by every graph one backend (``OmniCache``) compiled: when Dynamo
+    recompiles inside a generation (same inputs, a failed guard), the second graph continues
+    the first one's step and CFG slot counts instead of starting its own.  Another backend on
+    the same model keeps its own."""
 
-            def gone(ref, key=key):
-                with _SHARED_LOCK:
-                    if key in _SHARED and _SHARED[key][0] is ref:
-                        del _SHARED[key]
-            e = _SHARED[key] = (weakref.ref(param, gone), weakref.WeakKeyDictionary())
-        per_sig = e[1].setdefault(thread, {})
-        inf = per_sig.pop(signature, None) or Inferred()
-        per_sig[signature] = inf                       # most recent last
-        while len(per_sig) > SHARED_SIGNATURES:
-            del per_sig[next(iter(per_sig))]
-        return inf
+    def __init__(self):
+        self._by_param: dict[int, tuple] = {}   # id(parameter) -> (weakref, {thread: {signature: Inferred}})
+        self._lock = threading.RLock()          # re-entrant: a weakref callback may run inside
+
+    def inferred(self, param, thread: "_ThreadKey", signature) -> Inferred:
+        with self._lock:
+            key = id(param)
+            e = self._by_param.get(key)
+            if e is None or e[0]() is not param:
+                this = weakref.ref(self)
+
+                def gone(ref, key=key):
+                    owner = this()
+                    if owner is not None:
+                        with owner._lock:
+                            if key in owner._by_param and owner._by_param[key][0] is ref:
+                                del owner._by_param[key]
+                e = self._by_param[key] = (weakref.ref(param, gone), weakref.WeakKeyDictionary())
+            per_sig = e[1].setdefault(thread, {})
+            inf = per_sig.pop(signature, None) or Inferred()
+            per_sig[signature] = inf                       # most recent last
+            while len(per_sig) > SHARED_SIGNATURES:
+                del per_sig[next(iter(per_sig))]
+            return inf
 
 
 class Sessions:
     """The sessions of one compiled graph, and the placement of each call."""
 
-    def __init__(self, param_index: Optional[int], config_num_steps: Optional[int] = None):
+    def __init__(self, param_index: Optional[int], config_num_steps: Optional[int] = None,
+                 shared: Optional[SharedPlacement] = None):
         self.param_index = param_index
         self.config_num_steps = config_num_steps
+        #: the placement without a context, shared with the backend's other graphs
+        self.shared = shared if shared is not None else SharedPlacement()
         self._lock = threading.RLock()
         self._models: list[weakref.ref] = []
         self._model_ids: dict[int, int] = {}
@@ -352,7 +363,7 @@ class Sessions:
             p = Place(model, max(sess.generation, 0), 0, 0, False, None, False,
                       "the graph has no timestep input: only a generation context that counts steps places its calls")
             return p, sess
-        inferred = (shared_inferred(args[self.param_index], _thread_key(), signature)
+        inferred = (self.shared.inferred(args[self.param_index], _thread_key(), signature)
                     if self.param_index is not None else sess.inferred or Inferred())
         sess.inferred = inferred
         g, step, slot, new, num_steps, why = inferred.place(t, signature)
