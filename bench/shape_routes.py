@@ -76,7 +76,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batches", default="10,20")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--routes", default=",".join(ROUTES))
+    p.add_argument("--routes", default=";".join(ROUTES), help="semicolon-separated route names")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -88,7 +88,7 @@ def main(argv=None):
             json.dump(worker(args.worker, args), f)
         return
     rows = {}
-    for name in [r.strip() for r in args.routes.split(",")]:
+    for name in [r.strip() for r in args.routes.split(";") if r.strip()]:
         if name not in ROUTES:
             p.error(f"unknown route {name!r}; choose from {', '.join(ROUTES)}")
         cache_dir = tempfile.mkdtemp(prefix="omnicompile-routes-")
