@@ -3,7 +3,7 @@
     pipe = FluxPipeline.from_pretrained(...)
     cache = omnicompile.compile_pipeline(pipe, policy="static", interval=2)
     image = pipe(prompt, num_inference_steps=28).images[0]
-    print(cache.report())
+    summary = cache.report().summary()
 
 :func:`compile_pipeline` compiles every denoiser of the pipeline (``transformer``,
 ``transformer_2``, ``unet`` …), each with its own :class:`~omnicompile.OmniCache` (its own

@@ -33,12 +33,13 @@ import dataclasses
 import json
 import math
 import threading
-import typing
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from omnicompile.errors import ReportError
 from omnicompile.jsonfile import parse_json
 from omnicompile.passes.common import Reason
+from omnicompile.reportformat import format_bytes, format_number, md_escape, percentile
+from omnicompile.reportjson import from_json_value, json_safe, json_value, type_name
 
 __all__ = ["SpanReport", "StepRecord", "GenerationRecord", "GraphReport", "Report", "percentile"]
 
@@ -368,14 +369,14 @@ class GraphReport:
         d["summary"] = self.summary()
         d["timeline"] = self.timeline()
         d["signal_stats"] = self.signal_stats()
-        return _json_safe(d)
+        return json_safe(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GraphReport":
         """A graph report from :meth:`to_dict`'s value; a missing or ill-typed field raises
         :class:`~omnicompile.errors.ReportError` naming it (the derived ``summary``,
         ``timeline`` and ``signal_stats`` and any unknown key are ignored)."""
-        return _from_json_value(cls, d, "graphs[?]")
+        return from_json_value(cls, d, "graphs[?]")
 
     def to_markdown(self, all_generations: bool = False) -> str:
         """This graph as Markdown (the timeline shows the latest generation unless
@@ -387,8 +388,8 @@ class GraphReport:
                          f"timestep input `{g.timestep_input}`, policy `{_policy_text(g.policy)}`")
         else:
             why = g.fallback or Reason("unchanged", "graph compiled unchanged")
-            lines.append(f"compiled unchanged: `{why.code}` {_md(why.subject + ': ' if why.subject else '')}"
-                         f"{_md(why.message)}")
+            lines.append(f"compiled unchanged: `{why.code}` {md_escape(why.subject + ': ' if why.subject else '')}"
+                         f"{md_escape(why.message)}")
         lines += ["", f"{g.nodes} nodes, {g.flops_per_call / 1e6:.3f} MFLOP per call (estimated)", ""]
         if g.block_lists:
             lines += ["| block list | blocks | found by | nodes per block |", "|---|---:|---|---|"]
@@ -411,11 +412,11 @@ class GraphReport:
                       "|---|---|---:|---|---:|"]
             for w in tc["wrapped"]:
                 lines.append(f"| `{w['block']}` | {w['axis']} | {w['skipped']} of {w['rows']} | "
-                             f"{_md(', '.join(w['inputs']))} | {w['flops_merged'] / 1e6:.3f} / {w['flops_full'] / 1e6:.3f} |")
+                             f"{md_escape(', '.join(w['inputs']))} | {w['flops_merged'] / 1e6:.3f} / {w['flops_full'] / 1e6:.3f} |")
             lines.append("")
         if g.refused:
             lines.append("not cached:")
-            lines += [f"- `{r.code}` {_md(r.subject + ': ' if r.subject else '')}{_md(r.message)}"
+            lines += [f"- `{r.code}` {md_escape(r.subject + ': ' if r.subject else '')}{md_escape(r.message)}"
                       for r in g.refused]
             lines.append("")
         if g.steps:
@@ -423,19 +424,19 @@ class GraphReport:
             if g.models > 1:
                 lines += [f"{g.models} models share this graph (instances of one class), each with its own caches", ""]
             if g.generation_log:
-                lines += ["generations:", ""] + [f"- {r.generation + 1}: {_md(_generation_text(r, g.models))}"
+                lines += ["generations:", ""] + [f"- {r.generation + 1}: {md_escape(_generation_text(r, g.models))}"
                                                  for r in g.generation_log[-8:]] + [""]
             if g.uncertain_calls:
                 lines += [f"{g.uncertain_calls} call(s) could not be placed with certainty and computed every "
-                          f"span (first: {_md(g.first_uncertain)})", ""]
+                          f"span (first: {md_escape(g.first_uncertain)})", ""]
             if g.dropped_calls:
-                lines += [_md(_dropped_text(g)), ""]
+                lines += [md_escape(_dropped_text(g)), ""]
             if g.nonfinite_recomputes:
                 lines += [f"{g.nonfinite_recomputes} call(s) computed instead of reusing a cache that was not finite "
-                          f"(NaN/inf; first: {_md(g.first_nonfinite)})", ""]
+                          f"(NaN/inf; first: {md_escape(g.first_nonfinite)})", ""]
             lines += [f"calls {g.calls} in {g.generations} generation(s); span decisions computed {c}, "
                       f"reused {u} (hit rate {g.hit_rate:.1%}); FLOPs saved {g.flops_saved_fraction:.1%} "
-                      f"({g.flops_saved / 1e6:.3f} MFLOP); cache held {_bytes(g.cache_bytes)}", ""]
+                      f"({g.flops_saved / 1e6:.3f} MFLOP); cache held {format_bytes(g.cache_bytes)}", ""]
             gen = None if all_generations else g.steps[-1].generation
             rows = g.timeline(gen)
             names = [s.name for s in g.spans] or sorted({k for r in rows for k in r["decisions"]})
@@ -444,7 +445,7 @@ class GraphReport:
                       "", head, "|" + "---:|" * 4 + ":---:|" * len(names) + "---:|"]
             for r in rows:
                 marks = " | ".join(r["decisions"].get(n, "-") for n in names)
-                lines.append(f"| {r['generation'] + 1} | {r['step']} | {_num(r['timestep'])} | {r['calls']} | "
+                lines.append(f"| {r['generation'] + 1} | {r['step']} | {format_number(r['timestep'])} | {r['calls']} | "
                              f"{marks} | {r['flops_saved_fraction']:.0%} |")
             lines.append("")
         stats = g.signal_stats()
@@ -500,7 +501,7 @@ class Report:
 
     # ------------------------------------------------------------------ export
     def to_dict(self) -> dict:
-        return {"summary": _json_safe(self.summary()), "graphs": [g.to_dict() for g in self.graphs]}
+        return {"summary": json_safe(self.summary()), "graphs": [g.to_dict() for g in self.graphs]}
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         """Strict JSON (``json.loads`` reads it back; so does :meth:`from_json`)."""
@@ -511,18 +512,18 @@ class Report:
         """A report from :meth:`to_dict`'s value, every field checked: a wrong one raises
         :class:`~omnicompile.errors.ReportError` naming it (``graphs[1].steps[3].slot``)."""
         if not isinstance(d, dict):
-            raise ReportError(f"report: expected a JSON object with 'graphs', got {_type_name(d)}")
+            raise ReportError(f"report: expected a JSON object with 'graphs', got {type_name(d)}")
         if "graphs" not in d:
             raise ReportError("report field 'graphs' is missing")
         graphs = d["graphs"]
         if not isinstance(graphs, list):
-            raise ReportError(f"report field 'graphs': got {_type_name(graphs)}; expected a list of graph reports")
+            raise ReportError(f"report field 'graphs': got {type_name(graphs)}; expected a list of graph reports")
         summary = d.get("summary", {})
         if not isinstance(summary, dict):
-            raise ReportError(f"report field 'summary': got {_type_name(summary)}; expected an object")
-        warnings = _json_value(summary.get("warnings", []), list[str], "summary.warnings")
-        bypassed = _json_value(summary.get("bypassed_calls", 0), int, "summary.bypassed_calls")
-        return cls([_from_json_value(GraphReport, g, f"graphs[{i}]") for i, g in enumerate(graphs)], warnings,
+            raise ReportError(f"report field 'summary': got {type_name(summary)}; expected an object")
+        warnings = json_value(summary.get("warnings", []), list[str], "summary.warnings")
+        bypassed = json_value(summary.get("bypassed_calls", 0), int, "summary.bypassed_calls")
+        return cls([from_json_value(GraphReport, g, f"graphs[{i}]") for i, g in enumerate(graphs)], warnings,
                    bypassed)
 
     @classmethod
@@ -536,7 +537,7 @@ class Report:
         """A summary table of every graph, then one section per graph."""
         if not self.graphs:
             return "# omnicache report\n\nno graph compiled yet\n"
-        lines = ["# omnicache report", ""] + [f"> warning: {_md(w)}" for w in self.warnings]
+        lines = ["# omnicache report", ""] + [f"> warning: {md_escape(w)}" for w in self.warnings]
         if self.bypassed_calls:
             lines.append(f"> warning: {self.bypassed_calls} model call(s) reached no omnicache graph (run eagerly by "
                          "Dynamo)")
@@ -548,10 +549,10 @@ class Report:
             status = f"cached ({g.guard})" if g.cached else \
                 f"unchanged: `{(g.fallback or Reason('unchanged', '')).code}`"
             lines.append(f"| {g.graph_id} | {g.nodes} | {status} | `{_policy_text(g.policy)}` | {g.calls} | "
-                         f"{g.hit_rate:.1%} | {g.flops_saved_fraction:.1%} | {_bytes(g.cache_bytes)} |")
+                         f"{g.hit_rate:.1%} | {g.flops_saved_fraction:.1%} | {format_bytes(g.cache_bytes)} |")
         if len(self.graphs) > 1:
             lines.append(f"| all | | | | {self.calls} | {self.hit_rate:.1%} | {self.flops_saved_fraction:.1%} "
-                         f"| {_bytes(self.cache_bytes)} |")
+                         f"| {format_bytes(self.cache_bytes)} |")
         lines.append("")
         body = "\n".join(g.to_markdown(all_generations) for g in self.graphs)
         return "\n".join(lines) + "\n" + body
@@ -619,98 +620,6 @@ class Report:
 # ----------------------------------------------------------------------------- helpers
 
 
-def percentile(values: Sequence[float], p: float, presorted: bool = False) -> float:
-    """The ``p``-th percentile (0..100) with linear interpolation between closest ranks
-    (numpy's default), without numpy.  Raises ``ValueError`` on an empty sequence."""
-    if not values:
-        raise ValueError("percentile of an empty sequence")
-    if not 0 <= p <= 100:
-        raise ValueError(f"percentile p must be in [0, 100], got {p}")
-    vs = list(values) if presorted else sorted(values)
-    pos = (len(vs) - 1) * p / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(vs) - 1)
-    return vs[lo] + (vs[hi] - vs[lo]) * (pos - lo)
-
-
-def _type_name(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(v), f"a number ({v!r})" if isinstance(v, (int, float)) else type(v).__name__)
-
-
-def _from_json_value(cls, d: Any, where: str):
-    """An instance of the dataclass ``cls`` from a JSON object, each field converted by its
-    annotation (:func:`_json_value`); fields with defaults may be absent, unknown keys are
-    ignored."""
-    if not isinstance(d, dict):
-        raise ReportError(f"report field {where!r}: got {_type_name(d)}; expected an object ({cls.__name__})")
-    hints = typing.get_type_hints(cls)
-    kw = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ReportError(f"report field {where + '.' + f.name!r} is missing")
-            continue
-        kw[f.name] = _json_value(d[f.name], hints[f.name], f"{where}.{f.name}")
-    return cls(**kw)
-
-
-_FLOAT_WORDS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}   # what _json_safe writes
-
-
-def _json_value(v: Any, hint: Any, where: str) -> Any:
-    """``v`` checked against the annotation ``hint``: every int in a report is a count, index,
-    id, FLOP or byte number (>= 0); a float may be ``"nan"``/``"inf"``/``"-inf"`` (as
-    :func:`_json_safe` writes them)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-
-    def bad(want: str):
-        raise ReportError(f"report field {where!r}: got {_type_name(v) if not isinstance(v, str) else repr(v[:40])}; "
-                          f"expected {want}")
-    if origin is typing.Union:
-        if v is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _json_value(v, inner[0], where)
-    if dataclasses.is_dataclass(hint):
-        return _from_json_value(hint, v, where)
-    if hint is Any:
-        return v
-    if hint is bool:
-        return v if isinstance(v, bool) else bad("true or false")
-    if hint is int:
-        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else bad("an integer >= 0")
-    if hint is float:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-        return _FLOAT_WORDS[v] if isinstance(v, str) and v in _FLOAT_WORDS else bad('a number (or "nan"/"inf")')
-    if hint is str:
-        return v if isinstance(v, str) else bad("a string")
-    if hint is dict or origin is dict:
-        if not isinstance(v, dict):
-            bad("an object")
-        return {k: _json_value(x, args[1], f"{where}.{k}") for k, x in v.items()} if args else v
-    if hint is list or origin is list:
-        if not isinstance(v, list):
-            bad("a list")
-        return [_json_value(x, args[0], f"{where}[{i}]") for i, x in enumerate(v)] if args else v
-    raise TypeError(f"report field {where}: no JSON reader for {hint!r}")   # a bug of ours
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
 def _dropped_text(g: GraphReport) -> str:
     gens = int(g.dropped.get("generations", 0))
     return (f"detail kept for the last {g.report_generations} generation(s): {g.dropped_calls} earlier call(s)"
@@ -727,19 +636,3 @@ def _generation_text(r: GenerationRecord, models: int) -> str:
 def _policy_text(policy: dict) -> str:
     rest = " ".join(f"{k}={v}" for k, v in policy.items() if k != "policy")
     return f"{policy.get('policy', '?')}{' ' + rest if rest else ''}"
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
-def _num(x: Any) -> str:
-    return f"{x:.4f}" if isinstance(x, float) else str(x)
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")

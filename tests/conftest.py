@@ -24,6 +24,15 @@ def _fresh_dynamo():
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (restored after): tiny models time and compare alike."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def capture_graphs():
     """A backend that records Dynamo's graphs and runs them eagerly."""
     graphs = []

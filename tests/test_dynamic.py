@@ -12,12 +12,7 @@ from reference_executor import Recorder, replay_all
 STATIC = dict(policy="static", interval=2, warmup=1, inner_backend="eager")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compile_dynamic(tp, **options):

@@ -16,12 +16,7 @@ from pipelines import FAMILIES, SCHEDULERS_THAT_WORK, build_pipeline, interrupt_
 from reference_executor import Recorder, replay_all
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(family, **kw):

@@ -18,12 +18,7 @@ from omnicompile.testing import tiny_flux, tiny_wan_vace, with_timestep
 from reference_executor import Recorder, replay_all
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def denoise(fn, kw, ts, latent="hidden_states", per_step=None):
