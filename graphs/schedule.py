@@ -143,13 +143,7 @@ def _pack_loop(scores: Sequence[float], ok: Sequence[bool], lo: int, hi: int, ph
 
 def _pack_tensor(scores: Sequence[float], ok: Sequence[bool], lo: int, hi: int, phase_of, targets: Optional[Sequence[int]],
           max_run: Optional[int], gap_need: int, kmax: int):
-    """Dynamic program over steps ``lo..hi-1``: the cheapest (sum of scores) set of picks on
-    ``ok`` steps where runs of consecutive picks are at most ``max_run`` long (None: any)
-    and two runs are separated by at least ``gap_need`` unpicked steps.
-
-    With ``targets``, phase ``p`` gets exactly ``targets[p]`` picks; returns the picks or None
-    when that is infeasible.  Without, returns ``{k: cost}`` for every reachable count
-    ``k <= kmax``.  Ties go to the earlier steps (lexicographically smallest picks).
+    """The tensor form of :func:`_pack` (same program, same answer, same tie-breaking).
 
     A state is (run length so far (0 = last step unpicked), unpicked steps since the last run
     (capped), picks in the current phase); the program keeps, per state, the cost of its best
