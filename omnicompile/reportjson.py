@@ -9,7 +9,7 @@ from typing import Any
 
 from omnicompile.errors import ReportError
 
-__all__ = ["type_name", "fromjson_value", "json_value", "json_safe"]
+__all__ = ["type_name", "from_json_value", "json_value", "json_safe"]
 
 
 def type_name(v: Any) -> str:
@@ -17,7 +17,7 @@ def type_name(v: Any) -> str:
         type(v), f"a number ({v!r})" if isinstance(v, (int, float)) else type(v).__name__)
 
 
-def fromjson_value(cls, d: Any, where: str):
+def from_json_value(cls, d: Any, where: str):
     """An instance of the dataclass ``cls`` from a JSON object, each field converted by its
     annotation (:func:`json_value`); fields with defaults may be absent, unknown keys are
     ignored."""
@@ -52,7 +52,7 @@ def json_value(v: Any, hint: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return json_value(v, inner[0], where)
     if dataclasses.is_dataclass(hint):
-        return fromjson_value(hint, v, where)
+        return from_json_value(hint, v, where)
     if hint is Any:
         return v
     if hint is bool:
