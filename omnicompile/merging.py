@@ -29,6 +29,12 @@ Regions inside ``torch.cond`` branches (``guard="cond"``, the probe policy's gua
 are not visible to the rewrite and run unmerged; the report says so.  No host sync is added:
 ``r`` is a compile-time constant, the rows are chosen on the device, the phase and the
 refresh are host integers.
+
+Non-finite state: both graphs also return a flag "every new state tensor is finite" (computed
+in the graph, fused with the state's producer).  The slot's next call reads it on the host —
+after the step runtime's timestep read has synchronised, so no extra wait — and runs the full
+graph instead of replaying a NaN/inf row into the skipped rows
+(``report.token_cache["nonfinite_refreshes"]``).
 """
 from __future__ import annotations
 
@@ -119,7 +125,8 @@ class MergeState:
         tc = report.token_cache
         tc.update({"geometry": plan.geometry.describe() if plan.geometry else None,
                    "wrapped": [w.describe() for w in plan.wraps], "merged_calls": 0, "full_calls": 0,
-                   "refresh_calls": 0, "refresh": plan.refresh, "flops_saved": 0, "unmerged_graphs": 0})
+                   "refresh_calls": 0, "refresh": plan.refresh, "flops_saved": 0, "unmerged_graphs": 0,
+                   "nonfinite_refreshes": 0})
 
     @staticmethod
     def _where() -> tuple[dict, int]:
@@ -154,6 +161,21 @@ class MergeState:
         for k, v in zip(keys, values):
             st[k] = v
 
+    def store_flag(self, keys: list[str], flag: torch.Tensor) -> None:
+        """Keep the device flag "the state just stored for ``keys`` is finite" (read by :meth:`finite`)."""
+        self._slot()[("finite",) + tuple(keys)] = flag
+
+    def finite(self, keys: list[str]) -> bool:
+        """Is the state held for ``keys`` finite?  Reads the flag its graph returned on the host
+        (once, at the slot's next call: the step runtime's timestep read has already
+        synchronised the stream by then, so no extra wait on a GPU)."""
+        st = self._slot()
+        flag = st.get(("finite",) + tuple(keys))
+        if isinstance(flag, torch.Tensor):
+            flag = bool(flag)
+            st[("finite",) + tuple(keys)] = flag
+        return flag is not False
+
 
 class MergeCompiler:
     """Stands in for the inner compiler: ``MergeCompiler(inner, plan, state)(g, examples)``."""
@@ -164,7 +186,7 @@ class MergeCompiler:
         self.state = state
 
     def __call__(self, g: fx.GraphModule, example_inputs: list):
-        full, present, _ = apply_merge(g, self.plan, merged=False)
+        full, present, _ = apply_merge(g, self.plan, merged=False, finite=True)
         hidden = _in_branches(g, self.plan)
         if hidden:
             self.state.report.token_cache["unmerged_graphs"] += 1
@@ -205,7 +227,9 @@ class MergedCallable:
         self.consts: list[torch.Tensor] = []
         self.phases: list[list[torch.Tensor]] = []     # split index tensors per rotation phase
         # the rewrite now (the dumps show it), its compilation on the first merged call
-        self.merged_graph, _, self.consts = apply_merge(g, compiler.plan, merged=True, phases=self.phases)
+        self.merged_graph, _, self.consts = apply_merge(g, compiler.plan, merged=True, phases=self.phases,
+                                                        finite=True)
+        self.flagged = bool(self.keys)      # both graphs return a finiteness flag of the new state, last
         self._full = compiler.inner(full, example_inputs)
         self._merged = None
 
@@ -230,6 +254,9 @@ class MergedCallable:
         if prev is not None and refresh is not None and k % refresh == 0:
             prev = None                       # merge_refresh: a full call refreshes every row
             tc["refresh_calls"] += 1
+        if prev is not None and self.flagged and not state.finite(self.keys):
+            prev = None                       # never replay a non-finite cached row: compute them all
+            tc["nonfinite_refreshes"] += 1
         if prev is None:
             outs = call_compiled(self._full, list(args))
             tc["full_calls"] += 1
@@ -238,6 +265,9 @@ class MergedCallable:
             outs = call_compiled(fn, list(args) + prev + self.phases[k % len(self.phases)])
             tc["merged_calls"] += 1
             tc["flops_saved"] += self.saved
+        if self.flagged:
+            state.store_flag(self.keys, outs[-1])
+            outs = outs[:-1]
         n = len(self.keys)
         state.store(self.keys, [t.contiguous() for t in outs[len(outs) - n:]])   # the merged graph's layout
         if self.marks:

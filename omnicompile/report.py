@@ -407,7 +407,9 @@ class GraphReport:
         tc = g.token_cache
         if tc.get("wrapped"):
             lines += [f"token / frame / block caches: {tc.get('merged_calls', 0)} merged calls, "
-                      f"{tc.get('full_calls', 0)} full, {tc.get('flops_saved', 0) / 1e6:.3f} MFLOP saved", "",
+                      f"{tc.get('full_calls', 0)} full, {tc.get('flops_saved', 0) / 1e6:.3f} MFLOP saved"
+                      + (f"; {tc['nonfinite_refreshes']} full call(s) because a cached row was not finite (NaN/inf)"
+                         if tc.get("nonfinite_refreshes") else ""), "",
                       "| block | axis | rows skipped | merged inputs | MFLOP (merged / full) |",
                       "|---|---|---:|---|---:|"]
             for w in tc["wrapped"]:
@@ -586,7 +588,9 @@ class Report:
                              f"{w['flops_merged'] / 1e6:.2f} of {w['flops_full'] / 1e6:.2f} MFLOP")
             if g.token_cache.get("wrapped"):
                 tc = g.token_cache
-                lines.append(f"  token/frame/block caches: {tc['merged_calls']} merged calls, {tc['full_calls']} full")
+                lines.append(f"  token/frame/block caches: {tc['merged_calls']} merged calls, {tc['full_calls']} full"
+                             + (f" ({tc['nonfinite_refreshes']} because a cached row was not finite)"
+                                if tc.get("nonfinite_refreshes") else ""))
             for r in g.refused:
                 lines.append(f"  not cached: {r}")
             if g.steps:

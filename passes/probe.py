@@ -175,7 +175,7 @@ def _inline(g: fx.Graph, sub: fx.GraphModule, args: list[fx.Node], after: fx.Nod
 
 
 def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: str, align: bool,
-                align_clip: tuple[float, float]) -> fx.GraphModule:
+                align_clip: tuple[float, float], pull_scalars: bool = False) -> fx.GraphModule:
     new, env = copy_graph_module(gm)
     g = new.graph
     force = add_placeholder(g, "omni_force", None)
@@ -199,7 +199,8 @@ def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: st
         k += 2 * n
         for ph, s in zip(prev + last, sp.live_streams + sp.live_streams):
             ph.meta["example_value"] = example_value(s.input)
-        got = guard_span(new, env, repl, i, sp, reuse, [prev, last], "window", (a, b), finite_in=ok_last)
+        got = guard_span(new, env, repl, i, sp, reuse, [prev, last], "window", (a, b), finite_in=ok_last,
+                         pull_scalars=pull_scalars)
         flags.append(got.pop())
         span_state += got
     # the new residual window's flags: reuse keeps both, compute shifts (every span's flag ANDed)

@@ -14,7 +14,7 @@ graph mutates Python state.  Two forms:
     residuals finite (computed where the cache is refreshed; the host reads it only where it
     already syncs, before it would reuse that cache).
 
-``build_cond(gm, spans, finite=False)``
+``build_cond(gm, spans, finite=False, pull_scalars=False)``
     One graph in which each span is a ``torch.ops.higher_order.cond`` on a boolean predicate
     input (True = reuse).  Signature:
     ``(*orig_inputs, *pred[spans], *res[all spans]) -> (*orig_outputs, *res[all spans])``.
@@ -150,7 +150,8 @@ def _order(g: fx.Graph) -> dict:
     return {n: i for i, n in enumerate(g.nodes)}
 
 
-def build_cond(gm: fx.GraphModule, spans: Sequence[Span], finite: bool = False) -> fx.GraphModule:
+def build_cond(gm: fx.GraphModule, spans: Sequence[Span], finite: bool = False,
+               pull_scalars: bool = False) -> fx.GraphModule:
     new, env = copy_graph_module(gm)
     g = new.graph
     preds = [add_placeholder(g, f"omni_pred_{k}", None) for k in range(len(spans))]
@@ -169,7 +170,8 @@ def build_cond(gm: fx.GraphModule, spans: Sequence[Span], finite: bool = False) 
                 pred = g.call_function(torch.logical_and, (preds[k], oks[k]))
                 no = g.call_function(torch.logical_not, (oks[k],))
                 blocked.append(g.call_function(torch.logical_and, (preds[k], no)))
-        got = guard_span(new, env, repl, k, sp, pred, [res_phs[k]], "residual", finite_in=oks[k] if finite else None)
+        got = guard_span(new, env, repl, k, sp, pred, [res_phs[k]], "residual", finite_in=oks[k] if finite else None,
+                         pull_scalars=pull_scalars)
         if finite:
             new_oks.append(got.pop())
         extra_out.extend(got)
@@ -183,7 +185,7 @@ def build_cond(gm: fx.GraphModule, spans: Sequence[Span], finite: bool = False) 
 
 def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pred: fx.Node,
                state: list[list[fx.Node]], kind: str, coeffs: Sequence[fx.Node] = (),
-               finite_in: Optional[fx.Node] = None) -> list[fx.Node]:
+               finite_in: Optional[fx.Node] = None, pull_scalars: bool = False) -> list[fx.Node]:
     """Replace span ``sp`` of the copied graph ``new`` by ``cond(pred, reuse, compute)``.
 
     ``kind="residual"``: ``state = [res]`` (one tensor per live stream); reuse returns
@@ -204,20 +206,22 @@ def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pre
     ``finite_in`` (the cache is kept).  In the window kind the reuse branch never multiplies
     ``r_prev`` by a zero ``a`` (``0 * nan`` is nan): a non-finite ``r_prev`` the caller chose
     not to blend in stays out.
+
+    ``pull_scalars``: a SymFloat the span reads from outside (``.item()`` of a 0-d tensor:
+    ``dynamic=True`` turns float module attributes into those) is recomputed inside the compute
+    branch (:func:`_pull_scalars`); otherwise such a span is refused (``non_tensor_operand``).
+    Only for an inner backend that runs the branches as they are (``eager``): Inductor traces
+    them, and a scalar read inside a branch is an unbacked symbol that ``layer_norm`` cannot take.
     """
     g = new.graph
     keep = {env[n] for n in sp.keep}
-    body = [env[n] for n in sp.nodes if env[n] not in keep]
+    body = _pull_scalars([env[n] for n in sp.nodes if env[n] not in keep], sp.name, pull_scalars)
     body_set = set(body)
     operands: list[fx.Node] = []
     for n in body:
         for a in n.all_input_nodes:
             if a not in body_set and a not in operands:
                 operands.append(a)
-    for a in operands:   # tensors, and the sizes of a graph with symbolic shapes (cond takes SymInts)
-        if not isinstance(example_value(a), (torch.Tensor, torch.SymInt)):
-            raise RewriteError("non_tensor_operand",
-                               f"span reads the non-tensor value {a.name}; torch.cond needs tensors", sp.name)
     live = sp.live_streams
     outs_sp = [env[s.output] for s in live]
     flat_state = [t for group in state for t in group]
@@ -262,6 +266,38 @@ def guard_span(new: fx.GraphModule, env: dict, repl: dict, k: int, sp: Span, pre
     if fin:
         got[-1].meta["example_value"] = torch.empty((), dtype=torch.bool)
     return got[len(live):]
+
+
+def _operand_ok(a: fx.Node) -> bool:
+    """What ``torch.cond`` takes as an operand: tensors, and the sizes of a graph with symbolic
+    shapes (SymInts)."""
+    return isinstance(example_value(a), (torch.Tensor, torch.SymInt))
+
+
+def _pull_scalars(body: list[fx.Node], span: str, pull: bool) -> list[fx.Node]:
+    """``body`` plus, in front, the computations of every other scalar it reads (SymFloat /
+    SymBool: under ``dynamic=True`` Dynamo passes float attributes such as LayerNorm's ``eps``
+    as 0-d tensors read with ``.item()``).  Those are recomputed inside the compute branch from
+    their tensor inputs (cheap host scalars); a scalar with no tensor source (a graph input)
+    cannot be passed to ``torch.cond``: ``non_tensor_operand``."""
+    inside = set(body)
+    pulled: set[fx.Node] = set()
+    todo = [a for n in body for a in n.all_input_nodes if a not in inside and not _operand_ok(a)]
+    while todo:
+        a = todo.pop()
+        if a in pulled or a in inside:
+            continue
+        if not pull or a.op not in ("call_function", "call_method") or isinstance(example_value(a), torch.Tensor):
+            why = ("" if pull else " (with the eager inner backend it is recomputed inside the branch; "
+                   "Inductor cannot trace that: use guard='variants' or dynamic=False)")
+            raise RewriteError("non_tensor_operand",
+                               f"span reads the non-tensor value {a.name}; torch.cond needs tensors{why}", span)
+        pulled.add(a)
+        todo.extend(x for x in a.all_input_nodes if not _operand_ok(x))
+    if not pulled:
+        return body
+    order = _order(body[0].graph)
+    return sorted(pulled, key=lambda n: order[n]) + body
 
 
 def _branch(root: fx.GraphModule, operands, extra, body, ins, outs_sp, compute: bool, kind: str,

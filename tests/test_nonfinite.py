@@ -173,3 +173,33 @@ def test_probe_never_replays_a_nonfinite_state():
         assert any("reused" in r.decisions.values() for r in last if r.step > s + 1)
         if not align:          # First-Block-Cache reuses in + r_last: the textbook residual cache
             replay(rec.graphs[-1], equal_nan=True, atol=1e-4, rtol=1e-4)
+
+
+def test_token_and_frame_caches_never_replay_a_nonfinite_row():
+    """The merge layer's state (each wrapped region's last output or residual) holds the rows a
+    merged call skips: a NaN step must not leave NaN there.  The slot's next call runs the full
+    graph instead (equal to the uncached model) and the report counts it."""
+    from omnicompile import testing
+    flux = dict(num_layers=3, num_single_layers=3)
+    cases = [(tiny_flux, flux, dict(token_ratio=0.5, merge_ffn=True, merge_fill="output")),
+             (tiny_flux, flux, dict(token_ratio=0.25, merge_ffn=True, merge_fill="residual")),
+             (testing.tiny_latte, dict(num_layers=3, frames=4),
+              dict(frame_ratio=0.5, block_ratio=0.5, merge_ffn=True, merge_fill="output"))]
+    for make, size, opts in cases:
+        model, kw = make(**size)
+        oc = OmniCache(inner_backend="eager", policy="none", strict=True, **opts)
+        compiled = torch.compile(model, backend=oc, fullgraph=True)
+        s = 3
+        xs = _inputs(kw, s)
+        with torch.no_grad():
+            eager = _generation(model, kw, xs)
+        got = _generation(compiled, kw, xs)
+        assert _bad(eager) == [s] and _bad(got) == [s], (opts, _bad(got))
+        tc = oc.report().graphs[0].token_cache
+        assert tc["nonfinite_refreshes"] == 1 and tc["merged_calls"] == STEPS - 2, (opts, tc)
+        # the call after the NaN step ran the full graph: exactly the uncached model's output
+        torch.testing.assert_close(got[s + 1], eager[s + 1], atol=1e-5, rtol=1e-5)
+        assert "not finite" in oc.report().graphs[0].to_markdown()
+        # and a clean generation never refreshes for that reason
+        _generation(compiled, kw, _inputs(kw))
+        assert oc.report().graphs[0].token_cache["nonfinite_refreshes"] == 1

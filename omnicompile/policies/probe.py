@@ -77,7 +77,8 @@ class ProbeRuntime(Runtime):
         self.specs = plan.state_specs()
         self.pending: list = []
         self._flags = {b: torch.tensor(b, device=self.device) for b in (False, True)}
-        g = build_probe(self.gm, plan, float(c.threshold), c.error, c.align, c.align_clip)
+        g = build_probe(self.gm, plan, float(c.threshold), c.error, c.align, c.align_clip,
+                        pull_scalars=c.inner_backend == "eager")
         sig = ("(*inputs, force, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev, r_last] per span, "
                "ok_last, ok_prev) -> (*outputs, *state', reuse, err, gamma, nonfinite)")
         self._fn = self.compile("probe", g, [self._flags[False]] + self.examples(self.specs), sig)

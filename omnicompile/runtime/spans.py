@@ -136,7 +136,8 @@ class SpanRuntime(Runtime):
             oks = [torch.tensor(True, device=self.device) for _ in spans]
             sig = ("(*inputs, *predicates (True = reuse) per span, *residuals of every span, *finite flag per span) -> "
                    "(*outputs, *residuals, *finite flags', *blocked per span (wanted a reuse, cache not finite))")
-            fn = self.compile(key, build_cond(self.gm, spans, finite=True),
+            fn = self.compile(key, build_cond(self.gm, spans, finite=True,
+                                               pull_scalars=self.ctx.config.inner_backend == "eager"),
                               preds + self.examples(self._residual_specs(spans, [True] * len(spans))) + oks, sig)
         return fn
 

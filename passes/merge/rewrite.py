@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..common import example_value
+from ..rewrite import finite_flag
 from ..edit import add_placeholder, copy_graph_module, output_values, safe_name, set_outputs
 from .layout import Ref, Size, map_args
 
@@ -51,7 +52,7 @@ def present_wraps(g: fx.GraphModule, plan: MergePlan) -> list[Wrap]:
 
 
 def apply_merge(g: fx.GraphModule, plan: MergePlan, merged: bool,
-                phases: Optional[list] = None) -> tuple[fx.GraphModule, list[Wrap], list]:
+                phases: Optional[list] = None, finite: bool = False) -> tuple[fx.GraphModule, list[Wrap], list]:
     """Rewrite a copy of ``g``: every planned region present in ``g`` (by node name) runs on the
     kept rows (``merged=True``) or in full.  Signature: ``(*g_inputs, *state[present], *consts)
     -> (*g_outputs, *state'[present])`` (``state`` and ``consts`` only when merged), states
@@ -61,7 +62,9 @@ def apply_merge(g: fx.GraphModule, plan: MergePlan, merged: bool,
     ``merge_rotate`` a wrap has several splits (``Wrap.splits``) of one shape: pass a list as
     ``phases`` and it receives one constants list per phase ``p`` of the graph (``p`` in
     ``[0, lcm of the wraps' phase counts)``; wrap ``w`` uses its split ``p % len(w.splits)``):
-    the same graph runs every phase, the host picks the list."""
+    the same graph runs every phase, the host picks the list.  With ``finite`` (and any state)
+    the graph also returns, last, a 0-d bool: every new state tensor is finite (a cache that is
+    not must never be replayed into the skipped rows of a later merged call)."""
     from ... import kernels  # noqa: F401  (registers torch.ops.omnicompile.*)
 
     new, _ = copy_graph_module(g)
@@ -95,7 +98,8 @@ def apply_merge(g: fx.GraphModule, plan: MergePlan, merged: bool,
                     dlt = graph.call_function(operator.sub, (on, x))
                 dlt.meta["example_value"] = _fake(o.shape, o.dtype, w.device)
                 extra.append(dlt)
-    set_outputs(out_node, outs + extra)
+    flag = [finite_flag(graph, extra, out_node.prev)] if (finite and extra) else []
+    set_outputs(out_node, outs + extra + flag)
     graph.lint()
     new.recompile()
     n_phases = math.lcm(*[len(w.splits) for w in present]) if (merged and present) else 1
