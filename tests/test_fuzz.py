@@ -207,10 +207,6 @@ def check(res: Result) -> dict:
         r = grec.report
         if grec.runtime is None:
             code = r.fallback.code if r.fallback is not None else None
-            if code == "non_tensor_operand" and case.dynamic and _cond_guard(case):
-                # known bug: see test_cond_guard_with_dynamic_true_caches_the_graph
-                event("known bug: cond guard with dynamic=True refused (non_tensor_operand)")
-                continue
             if code not in ALLOWED_REFUSALS.get(case.policy, ()):
                 raise Mismatch(f"graph {r.graph_id} compiled uncached: {r.fallback}")
     if case.policy == "none":
@@ -238,10 +234,6 @@ def check(res: Result) -> dict:
         counts["calls"] += got["calls"]
         counts["reused"] += got["reused"]
     return counts
-
-
-def _cond_guard(case: Case) -> bool:
-    return case.policy == "probe" or dict(case.options).get("guard") == "cond"
 
 
 def _check_places(res: Result) -> None:
