@@ -35,12 +35,19 @@ Unlike DiCache's reference code, a reused step keeps the probe's exact output an
 cached residual of the remaining blocks (``out - p``), as diffusers' FirstBlockCache does,
 instead of adding a full-stack residual to the probe's input and discarding its work.
 
+Reuse budget (``budget >= 0``, set by ``target_speedup``): the threshold is state (``th``; 0 =
+the configured ``threshold``) and, on every step the probe decides, moves by
+``exp(PACE * (budget - reused))`` — up after a compute, down after a reuse — so the share of
+reused decided steps settles at ``budget`` wherever the error allows it; it stays within
+``threshold / PACE_RANGE .. threshold * PACE_RANGE``.  The host carries the last value into the
+next generation (records).  No host sync: the threshold never leaves the device in the loop.
+
 Signature of the built graph::
 
-    (*orig, force, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev..., r_last...] per span,
-     ok_last, ok_prev)
+    (*orig, force, budget, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev..., r_last...] per
+     span, ok_last, ok_prev, th)
       -> (*orig_out, x_prev', p_prev', q_prev', q_last', acc', count', *span windows',
-          ok_last', ok_prev', reuse, err, gamma, nonfinite)
+          ok_last', ok_prev', th', reuse, err, gamma, nonfinite, th')
 """
 from __future__ import annotations
 
@@ -58,7 +65,7 @@ from .spans import Span, SpanAnalysis, follow_stream, make_span, stream_inputs
 
 __all__ = ["ProbePlan", "StateSpec", "plan_probe", "build_probe", "N_RECORDS"]
 
-N_RECORDS = 4  # reuse, err, gamma, nonfinite
+N_RECORDS = 5  # reuse, err, gamma, nonfinite, th (the threshold after this step)
 
 
 @dataclasses.dataclass
@@ -85,6 +92,7 @@ class ProbePlan:
             for which in ("r_prev", "r_last"):
                 specs += [StateSpec(f"{sp.name}:{s.name}:{which}", s.shape, s.dtype) for s in sp.live_streams]
         specs += [StateSpec("ok_last", (), torch.bool), StateSpec("ok_prev", (), torch.bool)]
+        specs += [StateSpec("th", (), torch.float32)]
         return specs
 
 
@@ -124,8 +132,14 @@ def plan_probe(gm: fx.GraphModule, analysis: SpanAnalysis, probe_depth: int) -> 
     return ProbePlan(probe_depth, x, p, x.name, spans, sum(node_flops(n) for n in probe_nodes)), None
 
 
+#: the paced threshold moves by exp(PACE * (budget - reused)) per decided step, within
+#: [threshold / PACE_RANGE, threshold * PACE_RANGE]
+PACE = 0.5
+PACE_RANGE = 64.0
+
+
 def _decide_module(threshold: float, error: str, align: bool, lo: float, hi: float) -> fx.GraphModule:
-    def decide(x, probe, x_prev, p_prev, q_prev, q_last, acc, count, force, ok_last, ok_prev):
+    def decide(x, probe, x_prev, p_prev, q_prev, q_last, acc, count, force, ok_last, ok_prev, th, budget):
         dx_den, dy_den = x_prev.float().abs().mean(), p_prev.float().abs().mean()
         dx = (x.float() - x_prev.float()).abs().mean() / dx_den
         dy = (probe.float() - p_prev.float()).abs().mean() / dy_den
@@ -138,7 +152,8 @@ def _decide_module(threshold: float, error: str, align: bool, lo: float, hi: flo
         state_ok = ok_last & torch.isfinite(dy_den)
         if error != "delta_y":
             state_ok = state_ok & torch.isfinite(dx_den)
-        reuse = eligible & (cand < threshold) & state_ok
+        th_now = torch.where(th > 0, th, torch.full_like(th, threshold))
+        reuse = eligible & (cand < th_now) & state_ok
         nonfinite = eligible & torch.logical_not(state_ok)
         q_now = probe - x
         gamma = ((q_now.float() - q_prev.float()).abs().mean()
@@ -151,7 +166,12 @@ def _decide_module(threshold: float, error: str, align: bool, lo: float, hi: flo
         count2 = torch.where(reuse, count, torch.clamp(count + 1.0, max=2.0))
         q_prev2 = torch.where(reuse, q_prev, q_last)
         q_last2 = torch.where(reuse, q_last, q_now)
-        return reuse, a, b, acc2, count2, q_prev2, q_last2, err, gamma, nonfinite
+        # reuse budget: on every step the probe decides, pace the threshold towards the share of
+        # reuses asked for (budget < 0: the fixed threshold)
+        paced = (th_now * torch.exp(PACE * (budget - reuse.float()))).clamp(threshold / PACE_RANGE,
+                                                                           threshold * PACE_RANGE)
+        th2 = torch.where(eligible & (budget >= 0), paced, th_now)
+        return reuse, a, b, acc2, count2, q_prev2, q_last2, err, gamma, nonfinite, th2
     return fx.symbolic_trace(decide)
 
 
@@ -179,15 +199,16 @@ def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: st
     new, env = copy_graph_module(gm)
     g = new.graph
     force = add_placeholder(g, "omni_force", None)
+    budget = add_placeholder(g, "omni_budget", None)
     specs = plan.state_specs()
     state = [add_placeholder(g, "omni_" + safe_name(s.name), None) for s in specs]
     x_prev, p_prev, q_prev, q_last, acc, count = state[:6]
-    ok_last, ok_prev = state[-2:]
+    ok_last, ok_prev, th = state[-3:]
     x, p = env[plan.x], env[plan.probe_out]
     dec = _decide_module(threshold, error, align, *align_clip)
-    reuse, a, b, acc2, count2, q_prev2, q_last2, err, gamma, nonfinite = _inline(
-        g, dec, [x, p, x_prev, p_prev, q_prev, q_last, acc, count, force, ok_last, ok_prev], after=p)
-    for node, like in ((a, acc), (b, acc), (gamma, acc)):
+    reuse, a, b, acc2, count2, q_prev2, q_last2, err, gamma, nonfinite, th2 = _inline(
+        g, dec, [x, p, x_prev, p_prev, q_prev, q_last, acc, count, force, ok_last, ok_prev, th, budget], after=p)
+    for node, like in ((a, acc), (b, acc), (gamma, acc), (th2, acc)):
         node.meta["example_value"] = torch.empty(())
     repl: dict = {}
     span_state: list[fx.Node] = []
@@ -212,8 +233,8 @@ def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: st
     with g.inserting_after(cur):
         ok_prev2 = g.call_function(torch.where, (reuse, ok_prev, ok_last))
     out_node, outs = output_values(g)      # after the spans: a stream output may be a graph output
-    set_outputs(out_node, outs + [x, p, q_prev2, q_last2, acc2, count2] + span_state + [ok_new, ok_prev2]
-                + [reuse, err, gamma, nonfinite])
+    set_outputs(out_node, outs + [x, p, q_prev2, q_last2, acc2, count2] + span_state + [ok_new, ok_prev2, th2]
+                + [reuse, err, gamma, nonfinite, th2])
     g.eliminate_dead_code()
     g.lint()
     new.recompile()

@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from omnicompile.passes.probe import PACE, PACE_RANGE
+
 __all__ = ["Mismatch", "replay_trajectory", "replay_probe", "compare"]
 
 
@@ -181,6 +183,7 @@ def replay_probe(grec, atol: float = 1e-5, rtol: float = 1e-5, margin: float = 1
     lo, hi = c.align_clip
     num_steps = {(g.model, g.generation): g.num_steps for g in rt.report.generation_log}
     state: dict = {}
+    paced: dict = {}        # (model, slot) -> the reuse budget's threshold, carried over generations
     counts = {"calls": 0, "reused": 0, "computed": 0, "decisions_checked": 0}
     for i, ((args, outs), rec) in enumerate(zip(grec.calls, steps)):
         where = _where(i, rec)
@@ -188,7 +191,9 @@ def replay_probe(grec, atol: float = 1e-5, rtol: float = 1e-5, margin: float = 1
         first = _key(rec) not in state
         st = state.setdefault(_key(rec), {"count": 0, "acc": 0.0, "q": [], "win": {sp.name: [] for sp in spans}})
         n = num_steps.get((rec.model, rec.generation))
-        static_force = (n is None or rec.step <= int(c.ret_ratio * n) or rec.step == n - 1)
+        static_force = (n is None or rec.step < rt.policy.leading(n) or rec.step == n - 1)
+        budget = rt.policy.budget(n)[0]
+        threshold = paced.get((rec.model, rec.slot), c.threshold) if budget >= 0 else c.threshold
         if reused and (first or static_force or rec.uncertain):
             raise Mismatch(f"{where}: reused a step the probe must compute (first call of its slot {first}, "
                            f"within ret_ratio / last of {n} steps {static_force}, uncertain {rec.uncertain!r})")
@@ -221,11 +226,14 @@ def replay_probe(grec, atol: float = 1e-5, rtol: float = 1e-5, margin: float = 1
             if rec.signals:
                 if not _close(rec.signals.get("error"), err):
                     raise Mismatch(f"{where}: probe error {rec.signals.get('error')}, reference {err}")
-                if abs(cand - c.threshold) > margin * max(1.0, abs(c.threshold)):
-                    if (cand < c.threshold) != reused:
-                        raise Mismatch(f"{where}: accumulated error {cand:.6g} vs threshold {c.threshold}: the "
-                                       f"reference {'reuses' if cand < c.threshold else 'computes'}")
+                if abs(cand - threshold) > margin * max(1.0, abs(threshold)):
+                    if (cand < threshold) != reused:
+                        raise Mismatch(f"{where}: accumulated error {cand:.6g} vs threshold {threshold}: the "
+                                       f"reference {'reuses' if cand < threshold else 'computes'}")
                     counts["decisions_checked"] += 1
+            if budget >= 0 and not static_force and not rec.uncertain:   # the reuse budget paces it
+                th = threshold * math.exp(PACE * (budget - float(reused)))
+                paced[(rec.model, rec.slot)] = min(max(th, c.threshold / PACE_RANGE), c.threshold * PACE_RANGE)
         else:
             cand = 0.0
         if reused:

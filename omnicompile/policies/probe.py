@@ -22,19 +22,26 @@ generation) — so the device memory they hold stays bounded however many calls 
 """
 from __future__ import annotations
 
+import logging
+import math
 from typing import Optional
 
 import torch
 
+from omnicompile import targets
 from omnicompile.errors import RewriteError
+from omnicompile.passes.common import Reason
 from omnicompile.passes.probe import build_probe, plan_probe
 from omnicompile.policy import Policy
 from omnicompile.preview import Preview
 from omnicompile.registry import register_policy
 from omnicompile.report import StepRecord
 from omnicompile.runtime.base import Runtime
+from omnicompile.targets import saved_fraction
 
 __all__ = ["ProbePolicy", "ProbeRuntime", "MAX_PENDING"]
+
+log = logging.getLogger("omnicompile")
 
 #: calls whose device records may wait unread (``ProbeRuntime.pending``) before they are read
 MAX_PENDING = 256
@@ -45,7 +52,29 @@ class ProbePolicy(Policy):
     """DiCache (see the module docstring)."""
 
     guards = ("cond",)
-    options = ("threshold", "probe_depth", "ret_ratio", "error", "align", "align_clip")
+    options = ("threshold", "probe_depth", "ret_ratio", "error", "align", "align_clip", "target_speedup")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.saved = 1.0            # fraction of a call a reuse skips (the runtime binds it)
+
+    @property
+    def target(self) -> Optional[float]:
+        c = self.config
+        return float(c.target_speedup) if c.is_set("target_speedup") else None
+
+    def budget(self, num_steps: Optional[int]) -> tuple[float, bool]:
+        """(the share of the steps the probe decides that the target asks it to reuse, or -1
+        without a target; reachable).  Those are the steps after the first ``ret_ratio`` and
+        before the last."""
+        if self.target is None or num_steps is None:
+            return -1.0, True
+        decided = num_steps - self.leading(num_steps) - 1
+        if decided <= 0:
+            return -1.0, True
+        want = targets.reuse_share(self.target, self.saved) * num_steps / decided
+        cap = targets.MAX_REUSE_RUN / (targets.MAX_REUSE_RUN + 1)
+        return min(want, cap), want <= cap
 
     def forced(self, step: int, num_steps: Optional[int]) -> bool:
         """Steps computed whatever the probe says: the first ``ret_ratio`` of sampling and the
@@ -54,7 +83,18 @@ class ProbePolicy(Policy):
         same schedule) any step may be the last: every step is computed."""
         if num_steps is None:
             return True
-        return step <= int(self.config.ret_ratio * num_steps) or step == num_steps - 1
+        return step < self.leading(num_steps) or step == num_steps - 1
+
+    def leading(self, num_steps: int) -> int:
+        """How many steps at the start are always computed: ``int(ret_ratio * N) + 1``; with a
+        target the user left ``ret_ratio`` unset for, fewer (not under 2) where the target needs
+        more decided steps than that leaves."""
+        k = int(self.config.ret_ratio * num_steps) + 1
+        if self.target is None or self.config.is_set("ret_ratio"):
+            return k
+        cap = targets.MAX_REUSE_RUN / (targets.MAX_REUSE_RUN + 1)
+        need = math.ceil(targets.reuse_share(self.target, self.saved) * num_steps / cap)
+        return max(2, min(k, num_steps - 1 - need))
 
     def make_runtime(self, ctx):
         return ProbeRuntime(ctx, self)
@@ -62,7 +102,8 @@ class ProbePolicy(Policy):
     def describe(self):
         c = self.config
         return {"policy": "probe", "threshold": c.threshold, "probe_depth": c.probe_depth,
-                "ret_ratio": c.ret_ratio, "error": c.error, "align": c.align}
+                "ret_ratio": c.ret_ratio, "error": c.error, "align": c.align,
+                **targets.describe_target(self.target, self.saved)}
 
 
 class ProbeRuntime(Runtime):
@@ -77,11 +118,22 @@ class ProbeRuntime(Runtime):
         self.specs = plan.state_specs()
         self.pending: list = []
         self._flags = {b: torch.tensor(b, device=self.device) for b in (False, True)}
+        self._budgets: dict = {}
         g = build_probe(self.gm, plan, float(c.threshold), c.error, c.align, c.align_clip,
                         pull_scalars=c.inner_backend == "eager")
-        sig = ("(*inputs, force, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev, r_last] per span, "
-               "ok_last, ok_prev) -> (*outputs, *state', reuse, err, gamma, nonfinite)")
-        self._fn = self.compile("probe", g, [self._flags[False]] + self.examples(self.specs), sig)
+        sig = ("(*inputs, force, budget, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev, r_last] per span, "
+               "ok_last, ok_prev, th) -> (*outputs, *state', reuse, err, gamma, nonfinite, th')")
+        self._fn = self.compile("probe", g, [self._flags[False], self._budget(-1.0)] + self.examples(self.specs), sig)
+        policy.saved = saved_fraction(self.spans, self.report.flops_per_call)
+        self.report.policy = policy.describe()
+        self._th: dict = {}          # (model, slot) -> the paced threshold the last generation ended with
+
+    def _budget(self, value: float) -> torch.Tensor:
+        """The budget input (one device tensor per value: no host-to-device copy per call)."""
+        t = self._budgets.get(value)
+        if t is None:
+            t = self._budgets[value] = torch.tensor(value, dtype=torch.float32, device=self.device)
+        return t
 
     def __call__(self, *args):
         call = self.advance(args)
@@ -89,7 +141,13 @@ class ProbeRuntime(Runtime):
         force = self.policy.forced(call.step, call.num_steps) or st is None or not call.certain
         if st is None:
             st = self.zeros(call, self.specs)
-        outs = self.invoke(call, self._fn, list(args) + [self._flags[bool(force)]] + st)
+            th = self._th.get((call.place.model, call.slot))
+            if th is not None:           # pacing goes on from where the last generation ended
+                st[-1] = torch.tensor(th, dtype=torch.float32, device=self.device)
+        budget, reachable = self.policy.budget(call.num_steps)
+        if not reachable:
+            self._unreachable(call.num_steps, budget)
+        outs = self.invoke(call, self._fn, list(args) + [self._flags[bool(force)], self._budget(budget)] + st)
         n_state = len(self.specs)
         # state goes back into the graph compiled for contiguous examples (Inductor asserts strides)
         call.slots[call.slot] = [t.contiguous() for t in outs[self.n_out:self.n_out + n_state]]
@@ -107,6 +165,8 @@ class ProbeRuntime(Runtime):
     def flush(self) -> None:
         pending, self.pending = self.pending, []
         for place, t, force, records in pending:
+            if self.policy.target is not None:
+                self._th[(place.model, place.slot)] = float(records[4])
             reuse = bool(records[0]) and not force
             signals = {} if force else {"error": float(records[1]), "gamma": float(records[2])}
             nonfinite = [] if force or not bool(records[3]) else [sp.name for sp in self.spans]
@@ -115,6 +175,15 @@ class ProbeRuntime(Runtime):
                 {sp.name: ("reused" if reuse else "computed") for sp in self.spans},
                 sum(sp.flops for sp in self.spans) if reuse else 0, signals=signals, model=place.model,
                 uncertain=place.why, nonfinite=nonfinite))
+
+    def _unreachable(self, num_steps: int, budget: float) -> None:
+        why = Reason("target_unreachable",
+                     f"target_speedup {self.policy.target:g} needs more reuses than the probe may decide in "
+                     f"{num_steps} steps (the first {self.policy.leading(num_steps)} and the last computed, at most "
+                     f"{budget:.0%} of the decided steps reused)")
+        if why not in self.report.refused:
+            self.report.refused.append(why)
+            log.warning("omnicompile: %s", why.message)
 
     def preview(self, steps: int) -> Preview:
         rows = []

@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from omnicompile.passes.rewrite import build_cond, build_variant
+from omnicompile.targets import saved_fraction
 from omnicompile.preview import Preview
 from omnicompile.runtime.base import Call, Runtime, RuntimeContext
 
@@ -55,6 +56,9 @@ class SpanRuntime(Runtime):
         self._sets: dict[tuple, int] = {}        # span names -> index of the span set (graph names)
         self._known: dict[str, object] = {}       # span name -> span, of every set
         super().__init__(ctx, spans if spans is not None else policy.select_spans(ctx))
+        bind = getattr(policy, "bind_cost", None)      # a policy with a target speedup sizes its schedule
+        if bind is not None:
+            bind(saved_fraction(self.spans, self.report.flops_per_call), self.report)
         self._pred = {False: torch.tensor(False), True: torch.tensor(True)}
         #: cond guard: (step record, span names, blocked flags) read back in flush()
         self._pending: list = []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from omnicompile import targets
 from omnicompile.errors import ConfigError
 from omnicompile.graphs.schedule import MAX_STEPS, select_reuse_steps
 from omnicompile.passes.common import Reason
@@ -23,13 +24,19 @@ class TrajectoryPolicy(Policy):
 
     guards = ("variants",)
     options = ("budget", "calibrate", "correction", "curvature", "min_gap", "max_run", "run_correction",
-               "correction_band", "warmup", "cooldown", "reuse_steps")
+               "correction_band", "warmup", "cooldown", "reuse_steps", "target_speedup")
     calibratable = True
     default_budget: Optional[float] = None   # presets set these
     default_max_run: Optional[int] = None
 
+    #: fraction of a call a reuse skips (the runtime binds it: omnicompile.targets)
+    saved: float = 1.0
+
     @classmethod
     def validate(cls, config) -> None:
+        if config.is_set("target_speedup") and config.is_set("budget"):
+            raise ConfigError("budget", config.budget, "target_speedup sets the trajectory budget itself; "
+                              "set either target_speedup or budget, not both")
         if config.num_steps is not None and config.num_steps > MAX_STEPS:
             raise ConfigError("num_steps", config.num_steps, f"policy {config.policy!r} schedules generations of "
                               f"at most {MAX_STEPS} steps (omnicompile.graphs.schedule.MAX_STEPS)")
@@ -37,9 +44,22 @@ class TrajectoryPolicy(Policy):
     def make_runtime(self, ctx):
         return TrajectoryRuntime(ctx, self)
 
+    def bind_cost(self, saved: float, report) -> None:
+        """The runtime's cost model: a reuse skips ``saved`` of a call (``targets.saved_fraction``)."""
+        self.saved = saved
+        report.policy = self.describe()
+
+    @property
+    def target(self) -> Optional[float]:
+        c = self.config
+        return float(c.target_speedup) if c.is_set("target_speedup") else None
+
     @property
     def budget(self) -> float:
         c = self.config
+        if self.target is not None:       # the share of all steps the target needs (capped)
+            return min(targets.reuse_share(self.target, self.saved),
+                       targets.MAX_REUSE_RUN / (targets.MAX_REUSE_RUN + 1))
         if self.default_budget is not None and not c.is_set("budget"):
             return self.default_budget
         return c.budget
@@ -47,6 +67,8 @@ class TrajectoryPolicy(Policy):
     @property
     def max_run(self) -> Optional[int]:
         c = self.config
+        if self.target is not None and not c.is_set("max_run"):
+            return targets.run_for(self.budget)
         if self.default_max_run is not None and not c.is_set("max_run"):
             return self.default_max_run
         return c.max_run
@@ -68,6 +90,8 @@ class TrajectoryPolicy(Policy):
         c = self.config
         d = {"policy": self.name, "budget": self.budget, "curvature": c.curvature, "min_gap": c.min_gap,
              "max_run": self.max_run, "correction": c.correction, "calibrate": c.calibrate}
+        if self.target is not None:
+            d.update(targets.describe_target(self.target, self.saved))
         if c.correction_band is not None:
             d["correction_band"] = list(c.correction_band)
         if c.reuse_steps is not None:

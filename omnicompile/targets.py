@@ -1,0 +1,107 @@
+"""``target_speedup`` for every policy: from "2x" to each policy's own knobs.
+
+A reused step skips the guarded spans: it saves the fraction ``c`` of a computed step's FLOPs
+(``c = sum of the spans' FLOPs / the graph's FLOPs per call``, both from the cost model the report
+uses).  Over ``N`` steps with ``R`` reuses the generation costs ``1 - R c / N`` of the uncached
+one, so a target ``s`` asks for
+
+    share = R / N = (1 - 1/s) / c        (of all steps)
+
+Each policy turns that share into its knobs:
+
+* ``static`` (and the presets ``quality`` / ``balanced`` / ``fast``): the uniform schedule of
+  that share — ``R`` reuses spread evenly over the steps after warm-up
+  (:func:`uniform_reuse`; share 1/2 is interval 2, 2/3 interval 3, 3/5 "R R C R C" ...).  With
+  the step count unknown: the integer interval nearest to the share (:func:`interval_for`).
+* ``trajectory``: its budget (a share of all steps) is the share, and runs of reuses long enough
+  to hold it (:func:`run_for`) unless ``max_run`` is set.
+* ``probe``: a reuse *budget* over the steps it may decide: the threshold is paced inside the
+  graph towards the share (:mod:`omnicompile.passes.probe`).
+* ``layered``: its own plan (Algorithm 1 already reads ``target_speedup``).
+
+A target the policy cannot reach (at most :data:`MAX_REUSE_RUN` reuses between two computed
+steps; warm-up and the last steps stay computed) is capped and reported (``target_unreachable``)
+with the speedup the cost model predicts.  The FLOPs model ignores per-call overheads; on a small
+model on a CPU the measured speedup is lower (``bench/RESULTS.md``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+__all__ = ["MAX_REUSE_RUN", "saved_fraction", "reuse_share", "reuse_count", "uniform_reuse", "interval_for",
+           "run_for", "predicted_speedup", "PRESETS"]
+
+#: the most reuses in a row any target schedule uses (a cache refreshed at least every 4 steps)
+MAX_REUSE_RUN = 3
+
+#: preset policies defined by their target (the uniform schedule: ``omnicompile.policies.static``)
+PRESETS = {"quality": 1.5, "balanced": 2.0, "fast": 2.5}
+
+
+def saved_fraction(spans, flops_per_call: int) -> float:
+    """``c``: the fraction of a call's FLOPs a reuse of every span in ``spans`` skips (1.0 when
+    the graph's FLOPs are unknown)."""
+    saved = sum(int(s.flops) for s in spans)
+    if flops_per_call <= 0 or saved <= 0:
+        return 1.0
+    return min(1.0, saved / flops_per_call)
+
+
+def reuse_share(target: float, c: float) -> float:
+    """The share of all steps to reuse for ``target`` (uncapped; > 1 means unreachable)."""
+    return (1.0 - 1.0 / target) / max(c, 1e-9)
+
+
+def reuse_count(target: float, c: float, num_steps: int, warmup: int, cooldown: int) -> tuple[int, bool]:
+    """(reused steps, reachable) for a generation of ``num_steps``: the nearest count to the share,
+    capped at :data:`MAX_REUSE_RUN` reuses per computed step after warm-up."""
+    eligible = max(0, num_steps - warmup - cooldown)
+    cap = (eligible * MAX_REUSE_RUN) // (MAX_REUSE_RUN + 1)
+    want = round(reuse_share(target, c) * num_steps)
+    return max(0, min(want, cap)), want <= cap
+
+
+def uniform_reuse(step: int, num_steps: int, reused: int, warmup: int, cooldown: int) -> bool:
+    """Is ``step`` one of ``reused`` reuses spread evenly over ``[warmup, num_steps - cooldown)``?
+    The first step after warm-up is reused (its cache is the last warm-up step's), then every
+    step where ``ceil(j R / E)`` moves on (``j``: the step's index in that range of ``E``)."""
+    e = num_steps - warmup - cooldown
+    j = step - warmup
+    if reused <= 0 or e <= 0 or not 0 <= j < e:
+        return False
+    return -(-(j + 1) * reused // e) > -(-j * reused // e)
+
+
+def interval_for(share: float) -> int:
+    """The static interval whose share of reused steps, ``(i - 1) / i``, is nearest ``share``
+    (1 to ``MAX_REUSE_RUN + 1``)."""
+    if share <= 0:
+        return 1
+    best = min(range(1, MAX_REUSE_RUN + 2), key=lambda i: abs((i - 1) / i - share))
+    return best
+
+
+def run_for(share: float) -> int:
+    """The shortest run of reuses (``max_run``) that can hold ``share`` of the steps reused with
+    one computed step between runs: ``run / (run + 1) >= share``."""
+    if share <= 0.5:
+        return 1
+    if share >= MAX_REUSE_RUN / (MAX_REUSE_RUN + 1):
+        return MAX_REUSE_RUN
+    return min(MAX_REUSE_RUN, math.ceil(share / (1.0 - share)))
+
+
+def predicted_speedup(reused: int, num_steps: int, c: float) -> float:
+    """The cost model's speedup of ``reused`` reuses in ``num_steps`` steps."""
+    if num_steps <= 0:
+        return 1.0
+    return 1.0 / max(1e-9, 1.0 - reused * c / num_steps)
+
+
+def describe_target(target: Optional[float], c: float) -> dict:
+    """What a policy's ``describe()`` adds for a target."""
+    if target is None:
+        return {}
+    return {"target_speedup": target, "saved_per_reuse": round(c, 4),
+            "share": round(min(1.0, reuse_share(target, c)), 4)}
