@@ -44,6 +44,10 @@ if FUZZ_EXAMPLES:
                        suppress_health_check=list(HealthCheck), print_blob=True,
                        phases=(Phase.explicit, Phase.reuse, Phase.generate))
     SEED = seed(FUZZ_SEED)
+    # thousands of cases trace the same forward (one class, many instances, shapes and guards): more
+    # cache entries per code object than Dynamo's default limit of 64 (make test stays under it)
+    torch._dynamo.config.recompile_limit = 4096
+    torch._dynamo.config.accumulated_recompile_limit = 16384
 else:
     FUZZ_SEED = None
     PROFILE = settings(max_examples=CI_EXAMPLES, deadline=None, database=None, derandomize=True,
