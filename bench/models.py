@@ -120,16 +120,17 @@ def make_txt_ids(num_tokens: int) -> torch.Tensor:
 class LabelEncoder(nn.Module):
     """Class label -> (``encoder_hidden_states [B, T, D]``, ``pooled_projections [B, P]``).
 
-    One embedding table of ``NUM_CLASSES + 1`` rows (the last is the null class); each row is split
+    One embedding table of ``num_classes + 1`` rows (the last is the null class); each row is split
     into ``T`` text tokens of width ``D`` and a pooled vector of width ``P``.
     """
 
-    def __init__(self, num_tokens: int, joint_attention_dim: int, pooled_projection_dim: int):
+    def __init__(self, num_tokens: int, joint_attention_dim: int, pooled_projection_dim: int,
+                 num_classes: int = NUM_CLASSES):
         super().__init__()
         self.num_tokens = num_tokens
         self.joint_attention_dim = joint_attention_dim
         self.pooled_projection_dim = pooled_projection_dim
-        self.embedding = nn.Embedding(NUM_CLASSES + 1, num_tokens * joint_attention_dim + pooled_projection_dim)
+        self.embedding = nn.Embedding(num_classes + 1, num_tokens * joint_attention_dim + pooled_projection_dim)
         nn.init.normal_(self.embedding.weight, std=1.0)
 
     def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
