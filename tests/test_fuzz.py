@@ -44,10 +44,6 @@ if FUZZ_EXAMPLES:
                        suppress_health_check=list(HealthCheck), print_blob=True,
                        phases=(Phase.explicit, Phase.reuse, Phase.generate))
     SEED = seed(FUZZ_SEED)
-    # thousands of cases trace the same forward (one class, many instances, shapes and guards): more
-    # cache entries per code object than Dynamo's default limit of 64 (make test stays under it)
-    torch._dynamo.config.recompile_limit = 4096
-    torch._dynamo.config.accumulated_recompile_limit = 16384
 else:
     FUZZ_SEED = None
     PROFILE = settings(max_examples=CI_EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -302,10 +298,11 @@ def _check_static(res: Result, grec) -> None:
 def _fuzz_env():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = 64       # one code object serves every config and shape
-    yield
-    torch._dynamo.config.recompile_limit = limit
+    # one code object serves every config and shape: 64 cache entries hold make test's cases; a
+    # make fuzz shard of 1,000 cases needs more (it hit 64 after ~400)
+    with torch._dynamo.config.patch(recompile_limit=4096 if FUZZ_EXAMPLES else 64,
+                                    accumulated_recompile_limit=16384 if FUZZ_EXAMPLES else 256):
+        yield
     torch.set_num_threads(threads)
 
 
