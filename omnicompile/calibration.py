@@ -37,6 +37,7 @@ from __future__ import annotations
 import abc
 from typing import Any, Optional
 
+from omnicompile.passes.collectives import group_rank
 from omnicompile.errors import CalibrationError
 
 __all__ = ["Calibrator"]
@@ -171,6 +172,9 @@ class Calibrator(abc.ABC):
     def save(self, path: str) -> None:
         if self.result is None:
             raise CalibrationError(f"no {self.kind} to save: run a calibration generation first")
+        owner = getattr(self, "owner", None)
+        if group_rank(getattr(owner, "cp_group", None)) != 0:
+            return          # context parallelism: every rank holds the same result, rank 0 writes it
         self.result.save(path)
 
     # ------------------------------------------------------------ what a policy implements

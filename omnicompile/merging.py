@@ -46,6 +46,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from omnicompile.passes.collectives import cp_group
 from omnicompile.passes.common import Reason
 from omnicompile.passes.merge import MergeOptions, MergePlan, apply_merge, plan_merge, state_specs
 from omnicompile.preview import Preview
@@ -71,6 +72,12 @@ class MergeLayer:
     def for_graph(cls, gm: fx.GraphModule, blocks, options: MergeOptions, report, strict: bool = False) -> "MergeLayer":
         """Plan the caches on ``gm`` (refusals in ``.refused``; ``.wraps`` empty when nothing is
         wrapped).  A planning bug refuses everything (``merge_failed``) unless ``strict``."""
+        group = cp_group(gm.graph)
+        if group is not None:     # the kept rows would be chosen per shard, ranks apart: refused
+            why = Reason("merge_context_parallel", f"the graph runs under context parallelism (collectives over "
+                         f"group {group}): the token/frame/block caches would pick kept rows per shard; not "
+                         "supported, the step caches still apply")
+            return cls(MergePlan([], [why], None, options), report)
         try:
             plan = plan_merge(gm, blocks, options)
         except Exception as e:

@@ -62,7 +62,8 @@ _ROOT = re.compile(r"^L\['([^']*)'\]")
 def normalize_module_path(raw: str) -> str:
     """``L['self'].__dict__['_modules']['transformer_blocks'].0`` -> ``transformer_blocks.0``.
 
-    Other roots keep their local name (``L['model'].blocks.1`` -> ``model.blocks.1``).
+    Other roots keep their local name (``L['model'].blocks.1`` -> ``model.blocks.1``); a
+    forward-replacing hook's ``function_reference.forward.__self__`` is dropped.
     """
     s = raw.strip()
     m = _ROOT.match(s)
@@ -72,6 +73,9 @@ def normalize_module_path(raw: str) -> str:
     s = _DICT_MODULES.sub(r".\1", s)
     s = _MODULES.sub(r".\1", s)
     s = _ITEM.sub(r".\1", s)
+    # a hook that replaced ``forward`` (diffusers' context parallelism: ``function_reference``)
+    # reaches the module through ``<hook>.forward.__self__``: the path goes on from that module
+    s = re.sub(r"(?:^|\.)[A-Za-z_]\w*\.forward\.__self__(?=\.|$)", "", s)
     s = re.sub(r"\.+", ".", s).strip(".")
     return s
 

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 import torch.fx as fx
 
+from .collectives import eliminate_dead_code
 from .common import example_value
 from .edit import add_placeholder, copy_graph_module, output_values, safe_name, set_outputs
 from .rewrite import build_variant, finite_flag, stream_base
@@ -111,7 +112,7 @@ def build_measure_variant(gm: fx.GraphModule, spans: Sequence[Span], finite: boo
         before = out_node.prev
         flag = [finite_flag(g, new_res + qs, before)]
     set_outputs(out_node, outs + new_res + qs + flag)
-    g.eliminate_dead_code()
+    eliminate_dead_code(g)         # dead collectives too (passes.collectives)
     g.lint()
     new.recompile()
     return new

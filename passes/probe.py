@@ -58,6 +58,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from .collectives import cp_group, eliminate_dead_code
 from .common import Reason, example_value, tensor_meta
 from .edit import add_placeholder, copy_graph_module, output_values, safe_name, set_outputs
 from .rewrite import guard_span
@@ -138,11 +139,21 @@ PACE = 0.5
 PACE_RANGE = 64.0
 
 
-def _decide_module(threshold: float, error: str, align: bool, lo: float, hi: float) -> fx.GraphModule:
+def _decide_module(threshold: float, error: str, align: bool, lo: float, hi: float,
+                   group: Optional[str] = None) -> fx.GraphModule:
+    ops = getattr(torch.ops, "_c10d_functional", None)
+
+    def m(t):
+        """mean |t| — under context parallelism the sum over every rank's shard (only ratios of
+        two of these decide, so sums and means agree; every rank then decides alike)"""
+        if group is None:
+            return t.float().abs().mean()
+        return ops.wait_tensor(ops.all_reduce(t.float().abs().sum(), "sum", group))
+
     def decide(x, probe, x_prev, p_prev, q_prev, q_last, acc, count, force, ok_last, ok_prev, th, budget):
-        dx_den, dy_den = x_prev.float().abs().mean(), p_prev.float().abs().mean()
-        dx = (x.float() - x_prev.float()).abs().mean() / dx_den
-        dy = (probe.float() - p_prev.float()).abs().mean() / dy_den
+        dx_den, dy_den = m(x_prev), m(p_prev)
+        dx = m(x.float() - x_prev.float()) / dx_den
+        dy = m(probe.float() - p_prev.float()) / dy_den
         err = dy if error == "delta_y" else (dy - dx).abs()
         cand = acc + err
         eligible = torch.logical_not(force) & (count >= 1)
@@ -156,8 +167,7 @@ def _decide_module(threshold: float, error: str, align: bool, lo: float, hi: flo
         reuse = eligible & (cand < th_now) & state_ok
         nonfinite = eligible & torch.logical_not(state_ok)
         q_now = probe - x
-        gamma = ((q_now.float() - q_prev.float()).abs().mean()
-                 / (q_last.float() - q_prev.float()).abs().mean()).clamp(lo, hi)
+        gamma = (m(q_now.float() - q_prev.float()) / m(q_last.float() - q_prev.float())).clamp(lo, hi)
         gamma = torch.where(torch.isfinite(gamma), gamma, torch.ones_like(gamma))
         two = ((count >= 2) & ok_prev) if align else torch.zeros_like(reuse)
         a = torch.where(two, 1.0 - gamma, torch.zeros_like(gamma))
@@ -205,7 +215,7 @@ def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: st
     x_prev, p_prev, q_prev, q_last, acc, count = state[:6]
     ok_last, ok_prev, th = state[-3:]
     x, p = env[plan.x], env[plan.probe_out]
-    dec = _decide_module(threshold, error, align, *align_clip)
+    dec = _decide_module(threshold, error, align, *align_clip, group=cp_group(gm.graph))
     reuse, a, b, acc2, count2, q_prev2, q_last2, err, gamma, nonfinite, th2 = _inline(
         g, dec, [x, p, x_prev, p_prev, q_prev, q_last, acc, count, force, ok_last, ok_prev, th, budget], after=p)
     for node, like in ((a, acc), (b, acc), (gamma, acc), (th2, acc)):
@@ -235,7 +245,7 @@ def build_probe(gm: fx.GraphModule, plan: ProbePlan, threshold: float, error: st
     out_node, outs = output_values(g)      # after the spans: a stream output may be a graph output
     set_outputs(out_node, outs + [x, p, q_prev2, q_last2, acc2, count2] + span_state + [ok_new, ok_prev2, th2]
                 + [reuse, err, gamma, nonfinite, th2])
-    g.eliminate_dead_code()
+    eliminate_dead_code(g)         # dead collectives too (passes.collectives)
     g.lint()
     new.recompile()
     return new

@@ -49,6 +49,7 @@ import torch.fx as fx
 from .common import example_value
 from .edit import add_placeholder, copy_graph_module, output_values, safe_name, set_outputs
 from .errors import RewriteError
+from .collectives import eliminate_dead_code
 from .spans import Span
 
 __all__ = ["build_variant", "build_cond", "guard_span", "finite_flag"]
@@ -119,7 +120,7 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
     # read the outputs only now: a stream output may itself be a graph output, replaced above
     out_node, outs = output_values(g)
     set_outputs(out_node, outs + extra_out + flags)
-    g.eliminate_dead_code()
+    eliminate_dead_code(g)         # dead collectives too (passes.collectives)
     g.lint()
     new.recompile()
     return new
@@ -177,7 +178,7 @@ def build_cond(gm: fx.GraphModule, spans: Sequence[Span], finite: bool = False,
         extra_out.extend(got)
     out_node, outs = output_values(g)      # after the spans: a stream output may be a graph output
     set_outputs(out_node, outs + extra_out + new_oks + blocked)
-    g.eliminate_dead_code()
+    eliminate_dead_code(g)         # dead collectives too (passes.collectives)
     g.lint()
     new.recompile()
     return new

@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from omnicompile.passes.collectives import cp_group
 from omnicompile.passes.common import is_param_placeholder
 from omnicompile.preview import Preview
 from omnicompile.report import GenerationRecord, GraphReport, SpanReport, StepRecord
@@ -159,6 +160,8 @@ class Runtime(abc.ABC):
     def __init__(self, ctx: RuntimeContext, spans: Sequence):
         self.ctx = ctx
         self.gm = ctx.gm
+        #: the context-parallel group of the graph's collectives (None: not parallel)
+        self.cp_group = cp_group(ctx.gm.graph)
         self.config = ctx.config
         self.report = ctx.report
         self.compile_fn = ctx.compile_fn

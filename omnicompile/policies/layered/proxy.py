@@ -13,6 +13,7 @@ import math
 from typing import Optional
 
 from omnicompile.calibration import Calibrator
+from omnicompile.passes.collectives import host_sum
 from omnicompile.policies.layered.files import Profile, dag_to_json, load_file
 
 __all__ = ["ResidualProxy"]
@@ -48,13 +49,11 @@ class ResidualProxy(Calibrator):
             return
         cur = [[r.detach().float() for r in rs] if rs is not None else None for rs in state]
         prev = d["proxy_prev"]
-        row = []
-        for i, rs in enumerate(cur):
-            if prev is None or rs is None or prev[i] is None:
-                row.append(None)
-            else:
-                row.append(float(math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(rs, prev[i])))))
-        rows.append(row)
+        have = [not (prev is None or rs is None or prev[i] is None) for i, rs in enumerate(cur)]
+        sq = [sum(float((a - b).pow(2).sum()) for a, b in zip(rs, prev[i])) if h else 0.0
+              for i, (rs, h) in enumerate(zip(cur, have))]
+        sq = host_sum(sq, self.owner.cp_group)      # each rank holds a shard: the norm of the whole
+        rows.append([float(math.sqrt(v)) if h else None for v, h in zip(sq, have)])
         d["proxy_prev"] = cur
 
     def take(self) -> Optional[list]:
