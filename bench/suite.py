@@ -10,7 +10,9 @@ Models (each trained here, each its own architecture and data):
 Methods, each at every ``--targets`` speedup (``target_speedup``, the cost model of
 ``omnicompile/targets.py``): ``uniform`` (policy ``static`` with a target: the uniform schedule),
 ``trajectory`` (calibrated on the first generation), ``probe`` (reuse budget) and ``layered``
-(calibrated on the first generation).  Per method: a fresh Dynamo cache, ``--prepare`` untimed
+(calibrated on the first generation); for the diagnosis ``trajectory-plain`` (its schedule without
+the noise correction) and ``trajectory-error`` (steps scored by the measured error of a reuse on the
+calibration generation, ``curvature="error"``).  Per method: a fresh Dynamo cache, ``--prepare`` untimed
 generations (compilation, calibration), then ``--repeats`` timed generations interleaved with the
 uncached baseline (B M B M ... B); the speedup is the ratio of the medians.  Quality: PSNR / SSIM
 of the last generation against the uncached one (same noise, labels, steps).  The table gives the
@@ -44,7 +46,11 @@ from bench.metrics import psnr, ssim
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
 METHODS = {"uniform": dict(policy="static"), "trajectory": dict(policy="trajectory", calibrate="first"),
-           "probe": dict(policy="probe"), "layered": dict(policy="layered", calibrate="first")}
+           "probe": dict(policy="probe"), "layered": dict(policy="layered", calibrate="first"),
+           # the diagnosis: the trajectory schedule without its correction, and scored by the measured
+           # error of a reuse on the calibration generation instead of curvature
+           "trajectory-plain": dict(policy="trajectory", calibrate="first", correction=False),
+           "trajectory-error": dict(policy="trajectory", calibrate="first", curvature="error")}
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 
 

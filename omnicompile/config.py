@@ -90,8 +90,9 @@ class OmniCacheConfig:
     calibrate: Optional[str] = "first"
     #: trajectory: remove the predicted cache-induced noise gamma_s * q while reusing
     correction: bool = True
-    #: trajectory: curvature score, "angle" (between consecutive latent displacements) or
-    #: "output" (relative change of the model output)
+    #: trajectory: step score, "angle" (between consecutive latent displacements), "output"
+    #: (relative change of the model output) or "error" (the measured noise of a reuse there on
+    #: the calibration generation)
     curvature: str = "angle"
     #: trajectory: minimum distance between two runs of reused steps (last of one to first of
     #: the next; 2 with max_run=1: never two reuses in a row)
@@ -187,7 +188,7 @@ class OmniCacheConfig:
             object.__setattr__(self, "calibrate", os.fspath(self.calibrate))
         if not isinstance(self.correction, bool):
             raise ConfigError("correction", self.correction, "must be True or False")
-        _check_choice("curvature", self.curvature, ("angle", "output"))
+        _check_choice("curvature", self.curvature, ("angle", "output", "error"))
         _check_type("min_gap", self.min_gap, int)
         if self.min_gap < 1:
             raise ConfigError("min_gap", self.min_gap, "must be an integer >= 1")

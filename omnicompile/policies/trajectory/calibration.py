@@ -162,7 +162,15 @@ class Calibration:
 
     # ---------------------------------------------------------------- schedule
     def scores(self, curvature: str) -> list[float]:
-        vals = self.angle if curvature == "angle" else self.output
+        """Per step, the cost of reusing it (lower = reuse first): ``angle`` / ``output`` (the
+        curvature of the trajectory or of the output), or ``error`` — the measured size of the
+        noise ``q`` a reuse there caused on the calibration generation (a one-step-stale residual
+        against the computed output)."""
+        vals = list({"angle": self.angle, "output": self.output, "error": self.q_norm}[curvature])
+        if curvature == "error":     # the first recorded step has no earlier residual: no measurement
+            first = next((i for i, v in enumerate(vals) if v is not None), None)
+            if first is not None:
+                vals[first] = None
         return [math.inf if v is None else v for v in vals]
 
     def gammas(self) -> list[float]:
