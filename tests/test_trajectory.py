@@ -369,3 +369,18 @@ def test_step_counts_past_the_schedule_limit_are_refused():
     d = Calibration("f", n, [1, 2], 1, [None] * n, [None] * n, [None] * n, [None] * n).to_json()
     with pytest.raises(CalibrationError, match=f"'num_steps'.*at most {MAX_STEPS}"):
         Calibration.from_json(d)
+
+
+def test_error_scores_are_the_measured_reuse_noise():
+    """``curvature="error"``: a step's score is the noise a one-step-stale reuse made there on
+    the calibration generation (``q_norm``); the first recorded step has none (never reused
+    first); the schedule takes the lowest under the budget."""
+    from omnicompile.graphs.schedule import select_reuse_steps
+    n = 12
+    q = [None, 0.0] + [5.0, 1.0, 4.0, 0.5, 3.0, 0.2, 6.0, 0.3, 7.0, 9.0]
+    cal = Calibration("f", n, [1, 2], 1, [0.1] * n, [0.1] * n, [1.0] * n, q)
+    scores = cal.scores("error")
+    assert scores[:2] == [math.inf, math.inf] and scores[2:] == q[2:]
+    steps = select_reuse_steps(scores, 4 / n, min_gap=2, warmup=2, cooldown=1, max_run=1)
+    assert steps == [3, 5, 7, 9]
+    assert OmniCache(policy="trajectory", curvature="error").config.curvature == "error"
