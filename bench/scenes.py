@@ -105,15 +105,42 @@ def render_scenes(labels: torch.Tensor, generator: torch.Generator, size: int = 
     return (img.clamp(0, 1) * 2 - 1).contiguous()
 
 
-def build_transformer(config: dict[str, Any]) -> nn.Module:
+#: the held-out suite model: a PixArt-class transformer on the same scenes (``--arch pixart``),
+#: kept out of every tuning decision
+PIXART_DEFAULTS = dict(
+    arch="pixart",
+    image_size=32,
+    num_text_tokens=4,
+    transformer=dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=6,
+                     attention_head_dim=32, num_attention_heads=3, cross_attention_dim=96, caption_channels=64,
+                     norm_type="ada_norm_single", use_additional_conditions=False),
+)
+HELDOUT_DIR = Path(__file__).resolve().parent / "reference_heldout"
+
+
+def build_transformer(config: dict[str, Any], arch: str = "sd3") -> nn.Module:
+    if arch == "pixart":
+        from diffusers import PixArtTransformer2DModel
+        return PixArtTransformer2DModel(**config)
     from diffusers import SD3Transformer2DModel
     return SD3Transformer2DModel(**config)
 
 
 def build_label_encoder(config: dict[str, Any]) -> LabelEncoder:
     tc = config["transformer"]
+    if config.get("arch", "sd3") == "pixart":     # caption tokens only (a 1-wide pooled part, unused)
+        return LabelEncoder(config["num_text_tokens"], tc["caption_channels"], 1, num_classes=NUM_CLASSES)
     return LabelEncoder(config["num_text_tokens"], tc["joint_attention_dim"], tc["pooled_projection_dim"],
                         num_classes=NUM_CLASSES)
+
+
+def call_kwargs(arch: str, x, ehs, pooled, timestep) -> dict[str, Any]:
+    """One transformer call of architecture ``arch`` (``timestep`` in [0, 1000])."""
+    if arch == "pixart":
+        return dict(hidden_states=x, encoder_hidden_states=ehs, timestep=timestep,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+    return dict(hidden_states=x, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=timestep,
+                return_dict=False)
 
 
 @dataclass
@@ -126,6 +153,10 @@ class ScenesReference:
     default_guidance: float
     config: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def arch(self) -> str:
+        return self.config.get("arch", "sd3")
+
     def initial_noise(self, n: int, seed: int = 0) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(seed))
         return torch.randn((n, 3, self.image_size, self.image_size), generator=g)
@@ -136,8 +167,7 @@ class ScenesReference:
         labels = torch.tensor([NULL_CLASS] * half + [i % NUM_CLASSES for i in range(batch - half)])
         with torch.no_grad():
             ehs, pooled = self.label_encoder(labels)
-        return dict(hidden_states=self.initial_noise(batch, seed), encoder_hidden_states=ehs,
-                    pooled_projections=pooled, timestep=torch.full((batch,), sigma * 1000.0), return_dict=False)
+        return call_kwargs(self.arch, self.initial_noise(batch, seed), ehs, pooled, torch.full((batch,), sigma * 1000.0))
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, steps: int = 28, guidance: Optional[float] = None, seed: int = 0,
@@ -152,8 +182,7 @@ class ScenesReference:
         sigmas = torch.linspace(1.0, 0.0, steps + 1)
         for i in range(steps):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            v = fn(hidden_states=torch.cat([x, x]), encoder_hidden_states=ehs, pooled_projections=pooled,
-                   timestep=torch.full((2 * b,), s * 1000.0), return_dict=False)[0]
+            v = fn(**call_kwargs(self.arch, torch.cat([x, x]), ehs, pooled, torch.full((2 * b,), s * 1000.0)))[0]
             v_u, v_c = v.chunk(2)
             x = x + (s_next - s) * (v_u + guidance * (v_c - v_u))
             if step_callback is not None:
@@ -165,7 +194,7 @@ def load_scenes(path: Path | str = SCENES_DIR) -> ScenesReference:
     from safetensors.torch import load_file
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
-    transformer = build_transformer(cfg["transformer"]).eval()
+    transformer = build_transformer(cfg["transformer"], cfg.get("arch", "sd3")).eval()
     encoder = build_label_encoder(cfg).eval()
     sd = load_file(str(path / MODEL_FILE))
     transformer.load_state_dict({k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")})

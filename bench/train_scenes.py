@@ -25,11 +25,12 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.scenes import (KINDS, MODEL_DEFAULTS, MODEL_FILE, NULL_CLASS, NUM_CLASSES, PALETTE, SCENES_DIR,
-                          build_label_encoder, build_transformer, load_scenes, render_scenes)
+from bench.scenes import (HELDOUT_DIR, KINDS, MODEL_DEFAULTS, MODEL_FILE, NULL_CLASS, NUM_CLASSES, PALETTE,
+                          PIXART_DEFAULTS, SCENES_DIR, build_label_encoder, build_transformer, call_kwargs,
+                          load_scenes, render_scenes)
 from bench.train_reference import CACHE_DIR, FlowTrainer, adaln_zero_init, save_checkpoint
 
-CHECKPOINT = "scenes_ckpt.pt"
+CHECKPOINT = "scenes_ckpt.pt"      # (the held-out model: heldout_ckpt.pt)
 DEFAULT_GUIDANCE = 3.0
 TRAIN_DEFAULTS = dict(steps=5000, batch_size=48, lr=1e-3, warmup=200, min_lr_ratio=0.05, weight_decay=0.0,
                       grad_clip=1.0, ema_decay=0.999, label_dropout=0.1, logit_normal_std=1.0)
@@ -38,7 +39,7 @@ TRAIN_DEFAULTS = dict(steps=5000, batch_size=48, lr=1e-3, warmup=200, min_lr_rat
 class ScenesTrainer(FlowTrainer):
     def __init__(self, model_cfg: dict, train_cfg: dict, seed: int):
         torch.manual_seed(seed)
-        transformer = build_transformer(model_cfg["transformer"])
+        transformer = build_transformer(model_cfg["transformer"], model_cfg.get("arch", "sd3"))
         adaln_zero_init(transformer)
         super().__init__(model_cfg, train_cfg, seed, transformer, build_label_encoder(model_cfg))
 
@@ -53,8 +54,7 @@ class ScenesTrainer(FlowTrainer):
         s = torch.sigmoid(torch.randn(b, generator=g) * tc["logit_normal_std"])
         xt = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
         ehs, pooled = self.label_encoder(labels)
-        pred = self.transformer(hidden_states=xt, encoder_hidden_states=ehs, pooled_projections=pooled,
-                                timestep=s * 1000.0, return_dict=False)[0]
+        pred = self.transformer(**call_kwargs(self.model_cfg.get("arch", "sd3"), xt, ehs, pooled, s * 1000.0))[0]
         return F.mse_loss(pred, noise - x0)
 
 
@@ -64,6 +64,7 @@ def write_weights(trainer: ScenesTrainer, out: Path, guidance: float) -> None:
     save_file({k: v.contiguous().float() for k, v in trainer.ema.items()}, str(out / MODEL_FILE))
     tc = trainer.train_cfg
     cfg = {**{k: trainer.model_cfg[k] for k in ("image_size", "num_text_tokens")},
+           "arch": trainer.model_cfg.get("arch", "sd3"),
            "num_classes": NUM_CLASSES, "null_class": NULL_CLASS, "kinds": list(KINDS),
            "palette": PALETTE.tolist(), "transformer": trainer.model_cfg["transformer"],
            "default_guidance": guidance,
@@ -106,9 +107,13 @@ def evaluate(out: Path, steps: int = 28) -> dict:
 def write_readme(out: Path) -> None:
     cfg = json.loads((out / "config.json").read_text())
     tr = cfg["training"]
+    head = ("# Held-out model (PixArt-class on the scenes): never used for a tuning decision\n\n"
+            f"diffusers `PixArtTransformer2DModel`: {cfg['transformer']['num_layers']} blocks, "
+            if cfg.get("arch") == "pixart" else
+            "# Scenes reference model (suite model 3)\n\n"
+            f"diffusers `SD3Transformer2DModel`: {cfg['transformer']['num_layers']} joint blocks, ")
     (out / "README.md").write_text(
-        "# Scenes reference model (suite model 3)\n\n"
-        f"diffusers `SD3Transformer2DModel`: {cfg['transformer']['num_layers']} joint blocks, "
+        head +
         f"{cfg['transformer']['num_attention_heads']} heads of {cfg['transformer']['attention_head_dim']}, "
         f"patch {cfg['transformer']['patch_size']} on 32x32 RGB (64 image tokens), "
         f"{cfg['num_text_tokens']} label tokens; {NUM_CLASSES} classes (3 kinds x 6 colours) + null.\n\n"
@@ -118,14 +123,17 @@ def write_readme(out: Path) -> None:
         "`samples.png`: per class, a rendered scene (left), then samples of seeds 0 and 1 "
         f"(28 Euler steps, batched CFG).  Evaluation: {json.dumps(cfg.get('evaluation', {}))} (median "
         "RGB distance of the 10% of pixels nearest the label's colour to that colour).\n\n"
-        "What it learned in 45 CPU minutes: the label's colour, the gradient backgrounds and the stripes; "
-        "the shapes often come out as blobs rather than crisp circles, squares and triangles.  For the "
-        "suite that is enough: its quality metric is PSNR / SSIM against the uncached sample.\n")
+        + ("" if cfg.get("arch") == "pixart" else
+           "What it learned in 45 CPU minutes: the label's colour, the gradient backgrounds and the stripes; "
+           "the shapes often come out as blobs rather than crisp circles, squares and triangles.  ")
+        + "For the suite that is enough: its quality metric is PSNR / SSIM against the uncached sample.\n")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=SCENES_DIR)
+    p.add_argument("--arch", choices=("sd3", "pixart"), default="sd3",
+                   help="sd3: suite model 3 (bench/reference_scenes); pixart: the held-out model (bench/reference_heldout)")
+    p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -138,11 +146,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval-only", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.out is None:
+        args.out = HELDOUT_DIR if args.arch == "pixart" else SCENES_DIR
     if not args.eval_only:
-        model_cfg = json.loads(json.dumps(MODEL_DEFAULTS))
+        model_cfg = json.loads(json.dumps(PIXART_DEFAULTS if args.arch == "pixart" else MODEL_DEFAULTS))
         train_cfg = dict(TRAIN_DEFAULTS, steps=args.steps, batch_size=args.batch_size)
         trainer = ScenesTrainer(model_cfg, train_cfg, args.seed)
-        ckpt = args.cache_dir / CHECKPOINT
+        ckpt = args.cache_dir / ("heldout_ckpt.pt" if args.arch == "pixart" else CHECKPOINT)
         if ckpt.is_file() and not args.fresh:
             sd = torch.load(ckpt, weights_only=False)
             if (sd["model_cfg"], sd["train_cfg"], sd["seed"]) == (model_cfg, train_cfg, args.seed):
