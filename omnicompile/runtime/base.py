@@ -291,15 +291,17 @@ class Runtime(abc.ABC):
 
     # ------------------------------------------------------------------ calls
     def signature_of(self, args) -> tuple:
-        """The input shapes, dtypes and devices (a change starts a new generation)."""
+        """The input tensors' shapes, dtypes and devices, as a sorted multiset (a change starts a
+        new generation).  Only tensors, in no particular order: graphs Dynamo recompiled for the
+        same model lift different sizes as integer inputs (``dynamic=True``: a stride-0 input adds
+        a symbol) and share the model's placement only if their calls have the same signature
+        (``make fuzz`` seed 20261204, case 456: an uncond call counted as a new stream)."""
         sig = []
         for i in self.user_index:
             a = args[i]
             if isinstance(a, torch.Tensor):
-                sig.append((tuple(a.shape), a.dtype, a.device))
-            else:
-                sig.append(a)
-        return tuple(sig)
+                sig.append((tuple(a.shape), str(a.dtype), str(a.device)))
+        return tuple(sorted(sig))
 
     def advance(self, args) -> Call:
         """Place the call (reads the timestep: one scalar copy) and, where its session begins
