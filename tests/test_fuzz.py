@@ -34,7 +34,7 @@ from reference_executor import Recorder, replay
 # ----------------------------------------------------------------------------- profile
 
 FUZZ_EXAMPLES = int(os.environ.get("OMNICACHE_FUZZ_EXAMPLES", "0") or 0)
-CI_EXAMPLES = int(os.environ.get("OMNICACHE_FUZZ_CI_EXAMPLES", "120"))   # make test
+CI_EXAMPLES = int(os.environ.get("OMNICACHE_FUZZ_CI_EXAMPLES", "200"))   # make test
 if FUZZ_EXAMPLES:
     FUZZ_SEED = int(os.environ.get("OMNICACHE_FUZZ_SEED") or random.SystemRandom().randrange(2 ** 32))
     print(f"\nomnicompile fuzz: {FUZZ_EXAMPLES} cases, seed {FUZZ_SEED} "
@@ -504,3 +504,14 @@ def test_cond_guard_with_dynamic_true_under_inductor_is_a_deliberate_refusal():
     assert not graphs[0].cached and graphs[0].fallback.code == "non_tensor_operand", graphs[0].fallback
     assert "guard='variants'" in graphs[0].fallback.message
     assert all(g.cached or g.fallback.code == "non_tensor_operand" for g in graphs), [g.fallback for g in graphs]
+
+
+def test_fuzz_case_20261204_456_recompiled_split_cfg_places_every_call():
+    """Found by ``make fuzz`` (seed 20261204, case 456): Latte, layered under ``guard="cond"``,
+    split CFG, no generation context, ``dynamic=True``, integer timesteps, two generations.  The
+    uncond call's expanded (stride-0) embeddings make Dynamo compile a second graph, whose call
+    signature held the symbolic sizes it lifted as inputs: its calls were counted as a stream of
+    their own and step 0's uncond call was placed at slot 0 — certain, and wrong."""
+    case = Case("latte", 2, "layered", (("cache_interval", 2), ("guard", "cond"), ("target_speedup", 1.5)),
+                "split", "bare", True, True, (Gen(8, Shape(2, (8, 8)), 0), Gen(8, Shape(2, (8, 8)), 2)))
+    check(run_case(case))
