@@ -301,6 +301,21 @@ def _apply_diffusers(setting: PeerSetting, model, env: PeerEnv) -> Applied:
         notes.append("attention reuse only: the CFG cache needs image/video latents (see the 'CFG cache' row)")
     else:
         raise KeyError(fam)
+    if not hasattr(model, "enable_cache") and fam == "diffusers-fbc":
+        # models without diffusers' CacheMixin (SD3, PixArt in 0.42): the hook's documented
+        # functional form, and the registry's reset in place of _reset_stateful_cache
+        from diffusers.hooks import HookRegistry, apply_first_block_cache
+        try:
+            apply_first_block_cache(model, config)
+        except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
+            raise NotApplicable(f"apply_first_block_cache raised {type(e).__name__}: {e}") from None
+        # the hooks read the context CacheMixin.cache_context sets; bind that method to the instance
+        import types
+        from diffusers.models.cache_utils import CacheMixin
+        model.cache_context = types.MethodType(CacheMixin.cache_context, model)
+        notes.append(f"{type(model).__name__} has no enable_cache: diffusers.hooks.apply_first_block_cache")
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        return Applied(setting, model, lambda: registry.reset_stateful_hooks(recurse=True), notes=notes)
     try:
         model.enable_cache(config)
     except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
@@ -326,6 +341,11 @@ def _cachedit_stats(model) -> dict:
     return out
 
 
+#: transformers cache-dit registers for their pipeline only: (block list, forward pattern) as in
+#: cache-dit's own pipeline adapter (``caching/block_adapters/adapters.py``)
+_CACHEDIT_BLOCKS = {"SD3Transformer2DModel": ("transformer_blocks", "Pattern_1")}
+
+
 def _apply_cachedit(setting: PeerSetting, model, env: PeerEnv) -> Applied:
     try:
         import cache_dit
@@ -338,12 +358,19 @@ def _apply_cachedit(setting: PeerSetting, model, env: PeerEnv) -> Applied:
     calibrator = None
     if setting.family == "cachedit-dbcache-ts":
         calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
+    target, notes = model, ["F1B0 (the default Fn=8 would compute every block of these few-block models)"]
+    if type(model).__name__ in _CACHEDIT_BLOCKS:
+        # registered for its pipeline only (StableDiffusion3 -> SD3Transformer2DModel): the
+        # BlockAdapter cache-dit's docs ask for, with the pattern of its own pipeline adapter
+        attr, pattern = _CACHEDIT_BLOCKS[type(model).__name__]
+        target = cache_dit.BlockAdapter(transformer=model, blocks=getattr(model, attr),
+                                        forward_pattern=getattr(cache_dit.ForwardPattern, pattern))
+        notes.append(f"BlockAdapter({attr}, {pattern}) as cache-dit's pipeline adapter for this model")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            cache_dit.enable_cache(model, cache_config=cache_config, calibrator_config=calibrator)
+            cache_dit.enable_cache(target, cache_config=cache_config, calibrator_config=calibrator)
     except (AssertionError, ValueError, TypeError, AttributeError) as e:
         raise NotApplicable(f"cache_dit.enable_cache raised {type(e).__name__}: {e}") from None
-    notes = ["F1B0 (the reference model has 2+4 blocks; the default Fn=8 would compute all of them)"]
 
     def reset():
         # transformer-only flows start each request with cache_dit.refresh_context (its

@@ -4,6 +4,8 @@
     python bench/quality.py --quick                 # a few minutes: one setting per family, 14 steps
     python bench/quality.py --methods probe,diffusers-fbc --samples-per-class 2 --repeats 6
     python bench/quality.py --list                  # the method groups and families
+    python bench/quality.py --suite                 # the validation suite (bench/suite.py --peers):
+                                                    # every trained model, policy, target and peer
 
 One run measures everything on the same model, seeds and labels (default: one sample per digit =
 10 images, 28 steps, classifier-free guidance at the reference's default scale, **batched CFG**:
@@ -909,6 +911,11 @@ def emit(result: dict, args) -> None:
 
 
 def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--suite" in argv:      # the validation suite (issue 16): every model, policy, target and peer
+        from bench import suite
+        argv.remove("--suite")
+        return {"suite": suite.main(argv or ["--peers"])}
     args = parse_args(argv)
     if args.render:
         result = _from_json(json.loads(Path(args.render).read_text()))

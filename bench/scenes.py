@@ -32,7 +32,7 @@ import torch.nn as nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.models import LabelEncoder
+from bench.models import LabelEncoder, _cache_context
 
 SCENES_DIR = Path(__file__).resolve().parent / "reference_scenes"
 MODEL_FILE = "model.safetensors"
@@ -182,7 +182,8 @@ class ScenesReference:
         sigmas = torch.linspace(1.0, 0.0, steps + 1)
         for i in range(steps):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            v = fn(**call_kwargs(self.arch, torch.cat([x, x]), ehs, pooled, torch.full((2 * b,), s * 1000.0)))[0]
+            with _cache_context(fn, "cond_uncond"):      # as diffusers pipelines do (the peers' hooks)
+                v = fn(**call_kwargs(self.arch, torch.cat([x, x]), ehs, pooled, torch.full((2 * b,), s * 1000.0)))[0]
             v_u, v_c = v.chunk(2)
             x = x + (s_next - s) * (v_u + guidance * (v_c - v_u))
             if step_callback is not None:

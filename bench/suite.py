@@ -5,19 +5,27 @@ Models (each trained here, each its own architecture and data):
 * ``digits`` — Flux-class on scikit-learn digits (``bench/reference``), 10 images, batched CFG;
 * ``video`` — Latte-class on moving digits (``bench/reference_video``), 4 videos;
 * ``scenes`` — SD3-class on procedural colour scenes (``bench/reference_scenes``,
-  ``bench/train_scenes.py``), 12 images.
+  ``bench/train_scenes.py``), 6 images;
+* ``heldout`` — PixArt-class on the same scenes (``bench/reference_heldout``, ``train_scenes.py
+  --arch pixart``): kept out of every tuning decision and reported separately
+  (``--models heldout``).
 
 Methods, each at every ``--targets`` speedup (``target_speedup``, the cost model of
 ``omnicompile/targets.py``): ``uniform`` (policy ``static`` with a target: the uniform schedule),
 ``trajectory`` (calibrated on the first generation), ``probe`` (reuse budget) and ``layered``
 (calibrated on the first generation); for the diagnosis ``trajectory-plain`` (its schedule without
 the noise correction) and ``trajectory-error`` (steps scored by the measured error of a reuse on the
-calibration generation, ``curvature="error"``).  Per method: a fresh Dynamo cache, ``--prepare`` untimed
+calibration generation, ``curvature="error"``); ``default`` is ``OmniCache()`` with no option (one
+row, at its own speed).  ``--peers`` adds the real peers at several thresholds each (they take no
+speed target): diffusers' ``FirstBlockCacheConfig`` hooks and cache-dit's DBCache F1B0
+(``bench/peers.py`` applies them as their docs say), run on the eager transformer.  Per method: a fresh Dynamo cache, ``--prepare`` untimed
 generations (compilation, calibration), then ``--repeats`` timed generations interleaved with the
 uncached baseline (B M B M ... B); the speedup is the ratio of the medians.  Quality: PSNR / SSIM
 of the last generation against the uncached one (same noise, labels, steps).  The table gives the
 cost model's prediction next to the measured speedup, and per method and target the worst case
-over the models.
+over the models; then the frontier: per model and method, the PSNR at 1.5x, 2x, 2.5x, 3x
+*measured* speed, interpolated linearly between the method's measured points (blank outside them),
+against the uniform schedule and the best peer at the same speed.
 
     python bench/suite.py                                  # eager inner backend (CPU minutes)
     python bench/suite.py --inner inductor --models scenes # Inductor (compiles per method)
@@ -50,7 +58,11 @@ METHODS = {"uniform": dict(policy="static"), "trajectory": dict(policy="trajecto
            # the diagnosis: the trajectory schedule without its correction, and scored by the measured
            # error of a reuse on the calibration generation instead of curvature
            "trajectory-plain": dict(policy="trajectory", calibrate="first", correction=False),
-           "trajectory-error": dict(policy="trajectory", calibrate="first", curvature="error")}
+           "trajectory-error": dict(policy="trajectory", calibrate="first", curvature="error"),
+           "default": {}}
+#: the peers (family -> thresholds); ``bench/peers.py`` has the adapters
+PEERS = {"diffusers-fbc": (0.05, 0.1, 0.2, 0.3, 0.5), "cachedit-dbcache": (0.08, 0.16, 0.24, 0.5, 0.8)}
+SEED_METHODS = ("trajectory", "probe", "layered", "trajectory-error")
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 
 
@@ -74,8 +86,16 @@ class Suite:
             ref = load_scenes()
             self.labels = torch.arange(0, 18, 3)
             self._sample = lambda fn: ref.sample(self.labels, steps=steps, transformer=fn)
+        elif name == "heldout":
+            from bench.scenes import HELDOUT_DIR, load_scenes
+            if not (HELDOUT_DIR / "config.json").is_file():
+                raise SystemExit(f"the held-out model is not trained: python bench/train_scenes.py --arch pixart "
+                                 f"(writes {HELDOUT_DIR})")
+            ref = load_scenes(HELDOUT_DIR)
+            self.labels = torch.arange(0, 18, 3)
+            self._sample = lambda fn: ref.sample(self.labels, steps=steps, transformer=fn)
         else:
-            raise SystemExit(f"unknown suite model {name!r}: digits, video, scenes")
+            raise SystemExit(f"unknown suite model {name!r}: digits, video, scenes, heldout")
         self.ref = ref
         self.transformer = ref.transformer
 
@@ -96,7 +116,10 @@ def _baseline(suite: Suite, inner: str):
 def measure(suite: Suite, inner: str, method: str, target: float, base_fn, base_imgs, prepare: int,
             repeats: int) -> dict:
     torch._dynamo.reset()
-    oc = omnicompile.OmniCache(inner_backend=inner, target_speedup=target, **METHODS[method])
+    opts = dict(METHODS[method])
+    if target is not None:
+        opts["target_speedup"] = target
+    oc = omnicompile.OmniCache(inner_backend=inner, **opts)
     fn = torch.compile(copy.deepcopy(suite.transformer), backend=oc, fullgraph=True)
     t0 = time.perf_counter()
     for _ in range(prepare):
@@ -122,14 +145,107 @@ def measure(suite: Suite, inner: str, method: str, target: float, base_fn, base_
             "cached": bool(g is not None and g.cached), "prepare_s": round(prep, 1)}
 
 
+def measure_peer(suite: Suite, family: str, threshold: float, base_fn, base_imgs, prepare: int,
+                 repeats: int) -> dict:
+    """One peer setting on a fresh copy of the (eager) transformer, timed like :func:`measure`."""
+    from bench import peers
+    torch._dynamo.reset()
+    env = peers.PeerEnv(steps=suite.steps, cfg="batched", generate=lambda m: suite.run(m)[0],
+                        fresh=lambda: copy.deepcopy(suite.transformer))
+    setting = peers._setting(family, f"t={threshold:g}", threshold=threshold)
+    row = {"model": suite.name, "method": f"{family} t={threshold:g}", "target": None, "predicted": None,
+           "peer": True}
+    try:
+        applied = peers.apply_peer(setting, copy.deepcopy(suite.transformer), env)
+    except peers.NotApplicable as e:
+        return {**row, "speedup": None, "psnr": None, "ssim": None, "reused": None, "calls": None,
+                "notes": [f"not applicable: {e}"]}
+
+    def gen():
+        applied.reset()
+        return suite.run(applied.model)
+    try:      # the first generation (untimed) shows whether the hooks run on this model at all
+        gen()
+    except (RuntimeError, ValueError, AssertionError, TypeError) as e:
+        return {**row, "speedup": None, "psnr": None, "ssim": None, "reused": None, "calls": None,
+                "notes": [f"fails on this model: {type(e).__name__}: {str(e).splitlines()[0][:160]}"]}
+    for _ in range(prepare - 1):
+        gen()
+    mine, base = [], []
+    imgs = None
+    for _ in range(repeats):
+        base.append(suite.run(base_fn)[1])
+        imgs, dt = gen()
+        mine.append(dt)
+    base.append(suite.run(base_fn)[1])
+    return {**row, "speedup": round(statistics.median(base) / statistics.median(mine), 3),
+            "psnr": round(float(psnr(imgs, base_imgs)), 2), "ssim": round(float(ssim(imgs, base_imgs)), 4),
+            "reused": None, "calls": None, "notes": list(applied.notes)}
+
+
+def _family(method: str) -> str:
+    return method.split(" t=")[0]
+
+
+def at_speed(rows: list[dict], speed: float) -> float | None:
+    """PSNR at ``speed`` from one method's measured (speedup, PSNR) points: linear between the two
+    points around it (by measured speed); ``None`` outside their range."""
+    pts = sorted((r["speedup"], r["psnr"]) for r in rows if r.get("speedup") is not None)
+    for (s0, p0), (s1, p1) in zip(pts, pts[1:]):
+        if s0 <= speed <= s1:
+            return p0 if s1 == s0 else p0 + (p1 - p0) * (speed - s0) / (s1 - s0)
+    if pts and any(abs(s - speed) <= 0.03 * speed for s, _ in pts):
+        return max(p for s, p in pts if abs(s - speed) <= 0.03 * speed)
+    return None
+
+
+def frontier(rows: list[dict], speeds=(1.5, 2.0, 2.5, 3.0)) -> str:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fams = list(dict.fromkeys(_family(r["method"]) for r in rows))
+    out = ["| model | method | " + " | ".join(f"{s:g}x" for s in speeds) + " |",
+           "|---|---|" + "---:|" * len(speeds)]
+    summary = ["", "Per model at equal measured speed: the best seed policy and the default against the uniform "
+               "schedule and the best peer (dB; + is better).", "",
+               "| model | speed | uniform | best seed policy | Δ vs uniform | default | best peer | default Δ vs best peer |",
+               "|---|---:|---:|---|---:|---:|---|---:|"]
+    f = lambda v: "" if v is None else f"{v:.1f}"
+    for m in models:
+        vals = {}
+        for fam in fams:
+            sel = [r for r in rows if r["model"] == m and _family(r["method"]) == fam]
+            if not sel:
+                continue
+            vals[fam] = [at_speed(sel, s) for s in speeds]
+            out.append(f"| {m} | {fam} | " + " | ".join(f(v) for v in vals[fam]) + " |")
+        for i, s in enumerate(speeds):
+            uni = vals.get("uniform", [None] * len(speeds))[i]
+            seeds = [(vals[k][i], k) for k in SEED_METHODS if k in vals and vals[k][i] is not None]
+            best = max(seeds) if seeds else (None, "")
+            peers_ = [(vals[k][i], k) for k in vals if k in PEERS and vals[k][i] is not None]
+            bp = max(peers_) if peers_ else (None, "")
+            d = vals.get("default", [None] * len(speeds))[i]
+            summary.append(f"| {m} | {s:g}x | {f(uni)} | {best[1]} {f(best[0])} | "
+                           f"{'' if None in (best[0], uni) else f'{best[0] - uni:+.1f}'} | {f(d)} | {bp[1]} {f(bp[0])} | "
+                           f"{'' if None in (d, bp[0]) else f'{d - bp[0]:+.1f}'} |")
+    return "\n".join(out + summary)
+
+
 def table(rows: list[dict]) -> str:
     out = ["| model | method | target | predicted | measured | PSNR dB | SSIM | reused / calls | notes |",
            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['method']} | {r['target']:g}x | {r['predicted']:.2f}x | {r['speedup']:.2f}x | "
-                   f"{r['psnr']:.1f} | {r['ssim']:.3f} | {r['reused']} / {r['calls']} | {', '.join(r['notes']) or '-'} |")
+        if r.get("speedup") is None:
+            out.append(f"| {r['model']} | {r['method']} | - | - | - | - | - | - | {'; '.join(r['notes'])} |")
+            continue
+        tgt = "-" if r["target"] is None else f"{r['target']:g}x"
+        pred = "-" if r["predicted"] is None else f"{r['predicted']:.2f}x"
+        ru = "-" if r["reused"] is None else f"{r['reused']} / {r['calls']}"
+        out.append(f"| {r['model']} | {r['method']} | {tgt} | {pred} | {r['speedup']:.2f}x | "
+                   f"{r['psnr']:.1f} | {r['ssim']:.3f} | {ru} | {', '.join(r['notes']) or '-'} |")
     worst: dict = {}
     for r in rows:
+        if r["target"] is None:
+            continue
         k = (r["method"], r["target"])
         w = worst.setdefault(k, {"psnr": float("inf"), "ratio": float("inf"), "models": 0})
         w["psnr"] = min(w["psnr"], r["psnr"])
@@ -139,7 +255,7 @@ def table(rows: list[dict]) -> str:
             "| method | target | models | worst PSNR dB | worst measured / target |", "|---|---:|---:|---:|---:|"]
     for (m, t), w in sorted(worst.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         out.append(f"| {m} | {t:g}x | {w['models']} | {w['psnr']:.1f} | {w['ratio']:.2f} |")
-    return "\n".join(out)
+    return "\n".join(out) + "\n\nFrontier (PSNR dB at equal measured speed).\n\n" + frontier(rows)
 
 
 def write_results(md: Path, text: str) -> None:
@@ -162,6 +278,10 @@ def main(argv=None) -> int:
     p.add_argument("--prepare", type=int, default=2, help="untimed generations per method (calibration, compile)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--peers", action="store_true", help="add the peers (diffusers FirstBlockCache, cache-dit DBCache)")
+    p.add_argument("--peer-thresholds", default=None, metavar="FAMILY=T,T;...",
+                   help="the peers' thresholds (default: " + "; ".join(f"{k}={','.join(map(str, v))}" for k, v in PEERS.items())
+                   + "); families left out are not run")
     p.add_argument("--json", default=str(OUT_DIR / "suite.json"))
     p.add_argument("--results-md", default=None, help="write the table into this markdown file (bench/RESULTS.md)")
     args = p.parse_args(argv)
@@ -171,6 +291,17 @@ def main(argv=None) -> int:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}: {', '.join(METHODS)}")
+    peers = PEERS
+    if args.peer_thresholds:
+        peers = {}
+        for part in filter(None, (x.strip() for x in args.peer_thresholds.split(";"))):
+            fam, _, ths = part.partition("=")
+            if fam not in PEERS or not ths:
+                raise SystemExit(f"--peer-thresholds: {part!r} is not FAMILY=T,T with FAMILY in {', '.join(PEERS)}")
+            try:
+                peers[fam] = tuple(float(t) for t in ths.split(","))
+            except ValueError:
+                raise SystemExit(f"--peer-thresholds: {ths!r} is not a list of numbers") from None
     rows = []
     start = time.perf_counter()
     for name in [m for m in args.models.split(",") if m.strip()]:
@@ -179,10 +310,17 @@ def main(argv=None) -> int:
         suite.run(base_fn)
         base_imgs, _ = suite.run(base_fn)
         for method in methods:
-            for t in targets:
+            for t in ([None] if method == "default" else targets):
                 r = measure(suite, args.inner, method, t, base_fn, base_imgs, args.prepare, args.repeats)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
+        if args.peers:
+            for fam, thresholds in peers.items():
+                for th in thresholds:
+                    r = measure_peer(suite, fam, th, base_fn if args.inner == "eager" else suite.transformer,
+                                     base_imgs, args.prepare, args.repeats)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
     text = table(rows)
     head = (f"`python bench/suite.py {' '.join(argv if argv is not None else sys.argv[1:])}`: inner backend "
             f"{args.inner}, {args.steps} steps, {args.repeats} timed generations per method interleaved with the "
