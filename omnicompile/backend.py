@@ -303,7 +303,7 @@ def decisive_reason(blocks, analysis) -> Reason:
             return r
     if analysis.groups and spans:
         return spans[0]
-    notes = ("no_module_metadata", "partial_list")
+    notes = ("no_module_metadata", "partial_list", "odd_tail")
     for r in blocks.reasons:
         if r.code not in notes:
             return r

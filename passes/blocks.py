@@ -6,6 +6,9 @@ node decides its block, so ``ff.net.0`` inside a block never forms a list of its
 list counts when it has at least two blocks, every block does real work (two or more
 matmul-like nodes) and the blocks have the same op sequence up to small differences
 (Dynamo drops dead nodes, e.g. the unused encoder output of the last Flux single block).
+A member right after the list that differs more (SD3's last block, without a context output)
+is kept as the list's ``tail``: the span analysis caches it with the list when the streams
+still line up, else it stays outside (``partial_list``).
 
 When no node carries ``nn_module_stack`` (graphs built by hand, other tracers) a structural
 fallback looks for the longest runs of a repeating op-signature period and confirms the
@@ -51,6 +54,10 @@ class BlockList:
     name: str                 # e.g. "transformer_blocks"
     blocks: list[Block]
     method: str               # "module_path" or "structural"
+    #: the member right after the list that differs from the others but does real work (SD3's
+    #: last block, which has no context output); :func:`~omnicompile.passes.spans.find_spans`
+    #: caches it with the list when the streams still line up, else leaves it computed
+    tail: "Block | None" = None
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -116,6 +123,10 @@ def _by_module_path(gm: fx.GraphModule) -> tuple[list[BlockList], list[Reason], 
                 "dissimilar_blocks",
                 f"no two consecutive members share their op sequence (similarity < {MIN_SIMILARITY})", prefix))
             continue
+        tail = None
+        after = [b for b in blocks if b.index == best[-1].index + 1]
+        if after and heavy[blocks.index(after[0])] >= 2:
+            tail = after[0]
         if len(best) < len(blocks):
             left = [b.name for b in blocks if b not in best]
             reasons.append(Reason("partial_list", f"members {', '.join(left)} differ from the others "
@@ -127,7 +138,9 @@ def _by_module_path(gm: fx.GraphModule) -> tuple[list[BlockList], list[Reason], 
         if any(spans[i][1] >= spans[i + 1][0] for i in range(len(spans) - 1)):
             reasons.append(Reason("overlapping_blocks", "blocks are not executed one after another", prefix))
             continue
-        lists.append(BlockList(prefix, blocks, "module_path"))
+        if tail is not None and order[tail.first] <= spans[-1][1]:
+            tail = None
+        lists.append(BlockList(prefix, blocks, "module_path", tail))
     return lists, reasons, any_meta
 
 

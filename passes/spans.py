@@ -490,7 +490,38 @@ def find_timestep(gm: fx.GraphModule) -> tuple[Optional[fx.Node], Optional[Reaso
 
 
 def find_spans(gm: fx.GraphModule, blocks: BlockAnalysis) -> SpanAnalysis:
-    """One span per group, covering all its units (the static policies reuse whole groups)."""
+    """One span per group, covering all its units (the static policies reuse whole groups).
+
+    A list with an odd trailing member (``BlockList.tail``: SD3's last block, whose context
+    output is dead) is first tried with that member as its last unit; when every such group
+    still makes a span, that analysis is taken (the member's dead stream outputs are ``None``
+    in ``Group.last_outs``, the ``partial_list`` note becomes ``odd_tail``), else the plain
+    one, with the trial's node facts cleared."""
+    tailed = [bl for bl in blocks.lists if bl.tail is not None]
+    if tailed:
+        ext = BlockAnalysis([BlockList(bl.name, bl.blocks + [bl.tail], bl.method) if bl.tail is not None else bl
+                             for bl in blocks.lists], [])
+        for bl in tailed:
+            for n in bl.tail.nodes:
+                n.meta["omni.block"] = (bl.name, bl.tail.index)
+        trial = _find_spans(gm, ext)
+        made = {sp.group for sp in trial.spans}
+        if all(any(bl.name in g.lists for g in trial.groups if g.name in made) for bl in tailed):
+            for bl in tailed:
+                blocks.reasons[:] = [r for r in blocks.reasons if not (r.code == "partial_list" and r.subject == bl.name)]
+                blocks.reasons.append(Reason("odd_tail", f"member {bl.tail.name} differs from the others; cached "
+                                             "with the list (its dead stream outputs dropped)", bl.name))
+            return trial
+        for n in gm.graph.nodes:
+            n.meta.pop("omni.unit", None)
+            n.meta.pop("omni.stream", None)
+        for bl in tailed:
+            for n in bl.tail.nodes:
+                n.meta.pop("omni.block", None)
+    return _find_spans(gm, blocks)
+
+
+def _find_spans(gm: fx.GraphModule, blocks: BlockAnalysis) -> SpanAnalysis:
     groups, refused = find_units(gm, blocks)
     spans = []
     for g in groups:

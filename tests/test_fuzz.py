@@ -125,6 +125,11 @@ def options(draw, policy: str, steps: int) -> dict:
 #: (each distinct model config and shape costs a Dynamo trace of a few seconds); ``make fuzz``
 #: from every config and resolution
 FULL = bool(FUZZ_EXAMPLES)
+#: ``OMNICACHE_FUZZ_FAMILIES=sd3,latte`` fuzzes those model families only (a change to one of them)
+ONLY_FAMILIES = tuple(f for f in os.environ.get("OMNICACHE_FUZZ_FAMILIES", "").split(",") if f.strip()) or FAMILIES
+if set(ONLY_FAMILIES) - set(FAMILIES):
+    raise ValueError(f"OMNICACHE_FUZZ_FAMILIES: unknown {sorted(set(ONLY_FAMILIES) - set(FAMILIES))}; "
+                     f"known: {', '.join(FAMILIES)}")
 
 
 def _steps(policy: str):
@@ -136,7 +141,7 @@ def _steps(policy: str):
 
 @st.composite
 def cases(draw) -> Case:
-    family = draw(st.sampled_from(FAMILIES))
+    family = draw(st.sampled_from(ONLY_FAMILIES))
     config = draw(st.sampled_from(CONFIGS[family] if FULL else CONFIGS[family][:1]))
     policy = draw(st.sampled_from(POLICIES))
     steps = draw(_steps(policy))

@@ -24,7 +24,8 @@ EXPECTED = {
     # model: [(list name, blocks found)], [(span, live streams)], refused codes
     "flux": ([("transformer_blocks", 2), ("single_transformer_blocks", 2)],
              [("transformer_blocks[0:2]", 2), ("single_transformer_blocks[0:2]", 1)], set()),
-    "sd3": ([("transformer_blocks", 2)], [("transformer_blocks[0:2]", 2)], {"partial_list"}),
+    # the last block (no context output) is cached with the list: its dead context stream dropped
+    "sd3": ([("transformer_blocks", 2)], [("transformer_blocks[0:3]", 1)], {"odd_tail"}),
     "wan": ([("blocks", 2)], [("blocks[0:2]", 1)], set()),
     # the control branch computes hints (not streams: nothing flows from VACE block 0's input
     # projection to block 1); the hints added after blocks 0 and 2 are side additions
