@@ -21,7 +21,9 @@ speed target): diffusers' ``FirstBlockCacheConfig`` hooks and cache-dit's DBCach
 (``bench/peers.py`` applies them as their docs say), run on the eager transformer.  Per method: a fresh Dynamo cache, ``--prepare`` untimed
 generations (compilation, calibration), then ``--repeats`` timed generations interleaved with the
 uncached baseline (B M B M ... B); the speedup is the ratio of the medians.  Quality: PSNR / SSIM
-of the last generation against the uncached one (same noise, labels, steps).  The table gives the
+of the last generation against the uncached one (same noise, labels, steps).  The untimed
+generations (where calibrated policies fit their schedule and correction) use noise seed 0, the
+measured ones ``--eval-seed`` (1): a calibration is judged on noise it never saw.  The table gives the
 cost model's prediction next to the measured speedup, and per method and target the worst case
 over the models; then the frontier: per model and method, the PSNR at 1.5x, 2x, 2.5x, 3x
 *measured* speed, interpolated linearly between the method's measured points (blank outside them),
@@ -64,28 +66,31 @@ METHODS = {"uniform": dict(policy="static"), "trajectory": dict(policy="trajecto
 PEERS = {"diffusers-fbc": (0.05, 0.1, 0.2, 0.3, 0.5), "cachedit-dbcache": (0.08, 0.16, 0.24, 0.5, 0.8)}
 SEED_METHODS = ("trajectory", "probe", "layered", "trajectory-error")
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
+#: the noise seed of the untimed (compiling, calibrating) generations; the measured ones use
+#: ``--eval-seed``: a calibration is judged on noise it was not fitted on
+CALIBRATION_SEED = 0
 
 
 class Suite:
     """One model of the suite: its transformer and a sampler ``run(transformer) -> images``."""
 
-    def __init__(self, name: str, steps: int):
-        self.name, self.steps = name, steps
+    def __init__(self, name: str, steps: int, eval_seed: int = 1):
+        self.name, self.steps, self.eval_seed = name, steps, eval_seed
         if name == "digits":
             from bench.models import load_reference
             ref = load_reference()
             self.labels = torch.arange(10)
-            self._sample = lambda fn: ref.sample(self.labels, steps=steps, transformer=fn)
+            self._sample = lambda fn, seed: ref.sample(self.labels, steps=steps, transformer=fn, seed=seed)
         elif name == "video":
             from bench.video import load_video_reference
             ref = load_video_reference()
             self.labels = torch.arange(4)
-            self._sample = lambda fn: ref.sample(self.labels, steps=steps, transformer=fn).flatten(0, 1)
+            self._sample = lambda fn, seed: ref.sample(self.labels, steps=steps, transformer=fn, seed=seed).flatten(0, 1)
         elif name == "scenes":
             from bench.scenes import load_scenes
             ref = load_scenes()
             self.labels = torch.arange(0, 18, 3)
-            self._sample = lambda fn: ref.sample(self.labels, steps=steps, transformer=fn)
+            self._sample = lambda fn, seed: ref.sample(self.labels, steps=steps, transformer=fn, seed=seed)
         elif name == "heldout":
             from bench.scenes import HELDOUT_DIR, load_scenes
             if not (HELDOUT_DIR / "config.json").is_file():
@@ -93,16 +98,17 @@ class Suite:
                                  f"(writes {HELDOUT_DIR})")
             ref = load_scenes(HELDOUT_DIR)
             self.labels = torch.arange(0, 18, 3)
-            self._sample = lambda fn: ref.sample(self.labels, steps=steps, transformer=fn)
+            self._sample = lambda fn, seed: ref.sample(self.labels, steps=steps, transformer=fn, seed=seed)
         else:
             raise SystemExit(f"unknown suite model {name!r}: digits, video, scenes, heldout")
         self.ref = ref
         self.transformer = ref.transformer
 
-    def run(self, fn) -> tuple[torch.Tensor, float]:
+    def run(self, fn, seed: int | None = None) -> tuple[torch.Tensor, float]:
+        """One generation (noise ``seed``; default: the evaluation seed)."""
         with torch.no_grad(), omnicompile.generation(num_steps=self.steps):
             t = time.perf_counter()
-            out = self._sample(fn)
+            out = self._sample(fn, self.eval_seed if seed is None else seed)
             return out, time.perf_counter() - t
 
 
@@ -122,8 +128,8 @@ def measure(suite: Suite, inner: str, method: str, target: float, base_fn, base_
     oc = omnicompile.OmniCache(inner_backend=inner, **opts)
     fn = torch.compile(copy.deepcopy(suite.transformer), backend=oc, fullgraph=True)
     t0 = time.perf_counter()
-    for _ in range(prepare):
-        suite.run(fn)
+    for _ in range(prepare):      # compilation and calibration on other noise than the evaluation's
+        suite.run(fn, seed=CALIBRATION_SEED)
     prep = time.perf_counter() - t0
     mine, base = [], []
     imgs = None
@@ -161,16 +167,16 @@ def measure_peer(suite: Suite, family: str, threshold: float, base_fn, base_imgs
         return {**row, "speedup": None, "psnr": None, "ssim": None, "reused": None, "calls": None,
                 "notes": [f"not applicable: {e}"]}
 
-    def gen():
+    def gen(seed=None):
         applied.reset()
-        return suite.run(applied.model)
+        return suite.run(applied.model, seed)
     try:      # the first generation (untimed) shows whether the hooks run on this model at all
-        gen()
+        gen(CALIBRATION_SEED)
     except (RuntimeError, ValueError, AssertionError, TypeError) as e:
         return {**row, "speedup": None, "psnr": None, "ssim": None, "reused": None, "calls": None,
                 "notes": [f"fails on this model: {type(e).__name__}: {str(e).splitlines()[0][:160]}"]}
     for _ in range(prepare - 1):
-        gen()
+        gen(CALIBRATION_SEED)
     mine, base = [], []
     imgs = None
     for _ in range(repeats):
@@ -278,6 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--prepare", type=int, default=2, help="untimed generations per method (calibration, compile)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-seed", type=int, default=1,
+                   help=f"noise seed of the measured generations (calibration runs on seed {CALIBRATION_SEED})")
     p.add_argument("--peers", action="store_true", help="add the peers (diffusers FirstBlockCache, cache-dit DBCache)")
     p.add_argument("--peer-thresholds", default=None, metavar="FAMILY=T,T;...",
                    help="the peers' thresholds (default: " + "; ".join(f"{k}={','.join(map(str, v))}" for k, v in PEERS.items())
@@ -305,7 +313,7 @@ def main(argv=None) -> int:
     rows = []
     start = time.perf_counter()
     for name in [m for m in args.models.split(",") if m.strip()]:
-        suite = Suite(name, args.steps)
+        suite = Suite(name, args.steps, args.eval_seed)
         base_fn = _baseline(suite, args.inner)
         suite.run(base_fn)
         base_imgs, _ = suite.run(base_fn)
