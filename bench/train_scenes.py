@@ -123,7 +123,8 @@ def write_readme(out: Path) -> None:
         "`samples.png`: per class, a rendered scene (left), then samples of seeds 0 and 1 "
         f"(28 Euler steps, batched CFG).  Evaluation: {json.dumps(cfg.get('evaluation', {}))} (median "
         "RGB distance of the 10% of pixels nearest the label's colour to that colour).\n\n"
-        + ("" if cfg.get("arch") == "pixart" else
+        + ("What it learned in 31.5 CPU minutes: the label's colour and the backgrounds (gradients, stripes, "
+           "checkers); the shapes come out as ragged blobs.  " if cfg.get("arch") == "pixart" else
            "What it learned in 45 CPU minutes: the label's colour, the gradient backgrounds and the stripes; "
            "the shapes often come out as blobs rather than crisp circles, squares and triangles.  ")
         + "For the suite that is enough: its quality metric is PSNR / SSIM against the uncached sample.\n")
