@@ -264,13 +264,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n\nFrontier (PSNR dB at equal measured speed).\n\n" + frontier(rows)
 
 
-def write_results(md: Path, text: str) -> None:
+def write_results(md: Path, text: str, tag: str = "suite") -> None:
+    """Replace the block between ``<!-- {tag}:begin -->`` and ``<!-- {tag}:end -->`` (appended
+    under a new heading when missing)."""
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
     body = md.read_text() if md.exists() else ""
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in body and END in body:
-        body = body[:body.index(BEGIN)] + block + body[body.index(END) + len(END):]
+    block = f"{begin}\n{text}\n{end}"
+    if begin in body and end in body:
+        body = body[:body.index(begin)] + block + body[body.index(end) + len(end):]
     else:
-        body = body.rstrip() + "\n\n## Validation suite (`bench/suite.py`, issue 16)\n\n" + block + "\n"
+        body = body.rstrip() + f"\n\n## Validation suite (`bench/suite.py`, issue 16): {tag}\n\n" + block + "\n"
     md.write_text(body)
 
 
@@ -292,6 +295,8 @@ def main(argv=None) -> int:
                    + "); families left out are not run")
     p.add_argument("--json", default=str(OUT_DIR / "suite.json"))
     p.add_argument("--results-md", default=None, help="write the table into this markdown file (bench/RESULTS.md)")
+    p.add_argument("--results-tag", default="suite",
+                   help="the generated block's marker name in --results-md (e.g. heldout: a block of its own)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
@@ -338,7 +343,7 @@ def main(argv=None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1))
     if args.results_md:
-        write_results(Path(args.results_md), head + "\n\n" + text)
+        write_results(Path(args.results_md), head + "\n\n" + text, args.results_tag)
     return 0
 
 
