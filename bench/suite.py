@@ -65,6 +65,8 @@ METHODS = {"uniform": dict(policy="static"), "trajectory": dict(policy="trajecto
 #: the peers (family -> thresholds); ``bench/peers.py`` has the adapters
 PEERS = {"diffusers-fbc": (0.05, 0.1, 0.2, 0.3, 0.5), "cachedit-dbcache": (0.08, 0.16, 0.24, 0.5, 0.8)}
 SEED_METHODS = ("trajectory", "probe", "layered", "trajectory-error")
+#: PSNR of identical images, for interpolation (the tables print inf)
+PSNR_CAP = 100.0
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 #: the noise seed of the untimed (compiling, calibrating) generations; the measured ones use
 #: ``--eval-seed``: a calibration is judged on noise it was not fitted on
@@ -196,7 +198,8 @@ def _family(method: str) -> str:
 def at_speed(rows: list[dict], speed: float) -> float | None:
     """PSNR at ``speed`` from one method's measured (speedup, PSNR) points: linear between the two
     points around it (by measured speed); ``None`` outside their range."""
-    pts = sorted((r["speedup"], r["psnr"]) for r in rows if r.get("speedup") is not None)
+    # an identical image (inf dB) counts as PSNR_CAP, so the line to the next point is defined
+    pts = sorted((r["speedup"], min(float(r["psnr"]), PSNR_CAP)) for r in rows if r.get("speedup") is not None)
     for (s0, p0), (s1, p1) in zip(pts, pts[1:]):
         if s0 <= speed <= s1:
             return p0 if s1 == s0 else p0 + (p1 - p0) * (speed - s0) / (s1 - s0)
@@ -233,7 +236,22 @@ def frontier(rows: list[dict], speeds=(1.5, 2.0, 2.5, 3.0)) -> str:
             summary.append(f"| {m} | {s:g}x | {f(uni)} | {best[1]} {f(best[0])} | "
                            f"{'' if None in (best[0], uni) else f'{best[0] - uni:+.1f}'} | {f(d)} | {bp[1]} {f(bp[0])} | "
                            f"{'' if None in (d, bp[0]) else f'{d - bp[0]:+.1f}'} |")
-    return "\n".join(out + summary)
+    default = ["", "The default (`OmniCache()`, no option) at its own measured speed, against the uniform schedule and "
+               "the best peer interpolated to that speed.", "",
+               "| model | default speed | default dB | uniform dB | best peer | Δ vs uniform | Δ vs best peer |",
+               "|---|---:|---:|---:|---|---:|---:|"]
+    for m in models:
+        d = [r for r in rows if r["model"] == m and r["method"] == "default" and r.get("speedup") is not None]
+        if not d:
+            continue
+        sp, db = d[0]["speedup"], min(float(d[0]["psnr"]), PSNR_CAP)
+        uni = at_speed([r for r in rows if r["model"] == m and r["method"] == "uniform"], sp)
+        pe = [(v, k) for k in dict.fromkeys(_family(r["method"]) for r in rows if r.get("peer"))
+              if (v := at_speed([r for r in rows if r["model"] == m and _family(r["method"]) == k], sp)) is not None]
+        bp = max(pe) if pe else (None, "")
+        default.append(f"| {m} | {sp:.2f}x | {db:.1f} | {f(uni)} | {bp[1]} {f(bp[0])} | "
+                       f"{'' if uni is None else f'{db - uni:+.1f}'} | {'' if bp[0] is None else f'{db - bp[0]:+.1f}'} |")
+    return "\n".join(out + summary + default)
 
 
 def table(rows: list[dict]) -> str:
@@ -297,7 +315,17 @@ def main(argv=None) -> int:
     p.add_argument("--results-md", default=None, help="write the table into this markdown file (bench/RESULTS.md)")
     p.add_argument("--results-tag", default="suite",
                    help="the generated block's marker name in --results-md (e.g. heldout: a block of its own)")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="rebuild the tables (and --results-md) from a saved --json, without running anything")
     args = p.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        text = table(saved["rows"])
+        head = saved.get("head", f"(rendered from {args.render})")
+        print(head + "\n\n" + text)
+        if args.results_md:
+            write_results(Path(args.results_md), head + "\n\n" + text, args.results_tag)
+        return 0
     torch.set_num_threads(args.threads)
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
     methods = [m for m in args.methods.split(",") if m.strip()]
@@ -341,7 +369,7 @@ def main(argv=None) -> int:
             f"runtime {(time.perf_counter() - start) / 60:.1f} min.")
     print(head + "\n\n" + text)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1))
+    Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args), "head": head}, indent=1))
     if args.results_md:
         write_results(Path(args.results_md), head + "\n\n" + text, args.results_tag)
     return 0
