@@ -348,7 +348,8 @@ def main(argv=None) -> int:
     for name in [m for m in args.models.split(",") if m.strip()]:
         suite = Suite(name, args.steps, args.eval_seed)
         base_fn = _baseline(suite, args.inner)
-        suite.run(base_fn)
+        for _ in range(4):      # warm the baseline (allocator, oneDNN primitives) before the first row
+            suite.run(base_fn)
         base_imgs, _ = suite.run(base_fn)
         for method in methods:
             for t in ([None] if method == "default" else targets):
