@@ -188,7 +188,7 @@ class OmniCacheConfig:
             object.__setattr__(self, "calibrate", os.fspath(self.calibrate))
         if not isinstance(self.correction, bool):
             raise ConfigError("correction", self.correction, "must be True or False")
-        _check_choice("curvature", self.curvature, ("angle", "output", "error"))
+        _check_choice("curvature", self.curvature, ("angle", "output", "error", "uniform"))
         _check_type("min_gap", self.min_gap, int)
         if self.min_gap < 1:
             raise ConfigError("min_gap", self.min_gap, "must be an integer >= 1")

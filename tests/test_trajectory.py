@@ -384,3 +384,25 @@ def test_error_scores_are_the_measured_reuse_noise():
     steps = select_reuse_steps(scores, 4 / n, min_gap=2, warmup=2, cooldown=1, max_run=1)
     assert steps == [3, 5, 7, 9]
     assert OmniCache(policy="trajectory", curvature="error").config.curvature == "error"
+
+
+def test_uniform_curvature_spreads_the_budget_evenly_and_keeps_the_correction():
+    """``curvature="uniform"``: the budget's reuses spread evenly after warm-up (the suite's
+    diagnosis: the curvature-picked schedule loses to the uniform one, the correction wins), the
+    same steps as the static policy's uniform schedule, still corrected."""
+    from omnicompile import targets
+    from omnicompile.registry import make_policy
+    n = 28
+    cal = Calibration("f", n, [1, 2], 1, [0.1] * n, [0.1] * n, [1.0] * n, [None] + [1.0] * (n - 1))
+    for target, want in ((2.0, 14), (2.5, 17), (3.0, 18)):     # 3x: capped, 3 reuses per computed step
+        pol = make_policy(OmniCache(policy="trajectory", curvature="uniform", target_speedup=target).config)
+        pol.saved = 1.0
+        steps, why = pol.schedule(cal)
+        assert why is None and len(steps) == want
+        assert steps == [s for s in range(n) if targets.uniform_reuse(s, n, want, 2, 1)]
+        assert steps[0] == 2 and max(steps) < n - 1
+        assert all(b - a <= targets.MAX_REUSE_RUN + 1 for a, b in zip([1] + steps, steps))
+        assert pol.config.correction is True
+    # an explicit budget: its share of the steps
+    pol = make_policy(OmniCache(policy="trajectory", curvature="uniform", budget=0.25).config)
+    assert len(pol.schedule(cal)[0]) == 7
