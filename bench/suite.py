@@ -64,7 +64,7 @@ METHODS = {"uniform": dict(policy="static"), "trajectory": dict(policy="trajecto
            # error of a reuse on the calibration generation instead of curvature
            "trajectory-plain": dict(policy="trajectory", calibrate="first", correction=False),
            "trajectory-error": dict(policy="trajectory", calibrate="first", curvature="error"),
-           # the fix the diagnosis points to: the uniform schedule, corrected
+           # the uniform schedule, corrected: is the gain the correction's or the schedule's?
            "trajectory-uniform": dict(policy="trajectory", calibrate="first", curvature="uniform"),
            "default": {}}
 #: the peers (family -> thresholds); ``bench/peers.py`` has the adapters

@@ -387,9 +387,9 @@ def test_error_scores_are_the_measured_reuse_noise():
 
 
 def test_uniform_curvature_spreads_the_budget_evenly_and_keeps_the_correction():
-    """``curvature="uniform"``: the budget's reuses spread evenly after warm-up (the suite's
-    diagnosis: the curvature-picked schedule loses to the uniform one, the correction wins), the
-    same steps as the static policy's uniform schedule, still corrected."""
+    """``curvature="uniform"`` (the suite's ablation: is the gain the schedule's or the
+    correction's?): the budget's reuses spread evenly after warm-up, the same steps as the static
+    policy's uniform schedule, still corrected."""
     from omnicompile import targets
     from omnicompile.registry import make_policy
     n = 28
