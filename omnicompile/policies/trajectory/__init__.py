@@ -9,7 +9,7 @@
    generation) as the calibration; a JSON path loads a saved calibration.
 2. **Schedule** — :func:`omnicompile.graphs.schedule.select_reuse_steps` over the chosen
    curvature score (``curvature="angle"``, ``"output"`` or ``"error"``; ``"uniform"`` spreads the
-   budget's reuses evenly instead: an ablation the validation suite measured below ``angle``), under ``budget``, a dynamic
+   budget's reuses evenly instead: an ablation: below ``angle`` on three of the four suite models), under ``budget``, a dynamic
    program packing runs of at most ``max_run`` consecutive reuses at least ``min_gap`` apart,
    warm-up and final steps protected and the budget spread over early and middle sampling.
    ``reuse_steps`` replaces the selection by an explicit schedule (still corrected).  Runs of
