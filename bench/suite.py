@@ -129,6 +129,20 @@ def _baseline(suite: Suite, inner: str):
                          backend="eager" if inner == "eager" else "inductor")
 
 
+def _timed(suite: Suite, base_fn, gen, base_imgs, repeats: int) -> dict:
+    """``repeats`` generations of ``gen()`` interleaved with the baseline's (B M B M ... B): the
+    ratio of the medians, and the last image's PSNR / SSIM against ``base_imgs``."""
+    mine, base = [], []
+    imgs = None
+    for _ in range(repeats):
+        base.append(suite.run(base_fn)[1])
+        imgs, dt = gen()
+        mine.append(dt)
+    base.append(suite.run(base_fn)[1])
+    return {"speedup": round(statistics.median(base) / statistics.median(mine), 3),
+            "psnr": round(float(psnr(imgs, base_imgs)), 2), "ssim": round(float(ssim(imgs, base_imgs)), 4)}
+
+
 def measure(suite: Suite, inner: str, method: str, target: float, base_fn, base_imgs, prepare: int,
             repeats: int) -> dict:
     torch._dynamo.reset()
@@ -142,21 +156,13 @@ def measure(suite: Suite, inner: str, method: str, target: float, base_fn, base_
         suite.run(fn, seed=CALIBRATION_SEED)
     prep = time.perf_counter() - t0
     suite.run(base_fn)      # the reset above dropped the baseline's graph: trace it again, untimed
-    mine, base = [], []
-    imgs = None
-    for _ in range(repeats):
-        base.append(suite.run(base_fn)[1])
-        imgs, dt = suite.run(fn)
-        mine.append(dt)
-    base.append(suite.run(base_fn)[1])
+    timed = _timed(suite, base_fn, lambda: suite.run(fn), base_imgs, repeats)
     rep = oc.report()
     g = rep.graphs[0] if rep.graphs else None
     last = [r for r in g.steps if r.generation == g.steps[-1].generation] if g is not None and g.steps else []
     saved = sum(r.flops_saved for r in last) / max(1, g.flops_per_call * len(last)) if last else 0.0
     return {"model": suite.name, "method": method, "target": target,
-            "predicted": round(1.0 / max(1e-9, 1.0 - saved), 3),
-            "speedup": round(statistics.median(base) / statistics.median(mine), 3),
-            "psnr": round(float(psnr(imgs, base_imgs)), 2), "ssim": round(float(ssim(imgs, base_imgs)), 4),
+            "predicted": round(1.0 / max(1e-9, 1.0 - saved), 3), **timed,
             "reused": sum(1 for r in last if "reused" in r.decisions.values()), "calls": len(last),
             "notes": sorted({r.code for r in g.refused}) if g is not None else ["uncompiled"],
             "cached": bool(g is not None and g.cached), "prepare_s": round(prep, 1)}
@@ -171,12 +177,12 @@ def measure_peer(suite: Suite, family: str, threshold: float, base_fn, base_imgs
                         fresh=lambda: copy.deepcopy(suite.transformer))
     setting = peers._setting(family, f"t={threshold:g}", threshold=threshold)
     row = {"model": suite.name, "method": f"{family} t={threshold:g}", "target": None, "predicted": None,
-           "peer": True}
+           "peer": True, "reused": None, "calls": None}
+    no_result = {**row, "speedup": None, "psnr": None, "ssim": None}
     try:
         applied = peers.apply_peer(setting, copy.deepcopy(suite.transformer), env)
     except peers.NotApplicable as e:
-        return {**row, "speedup": None, "psnr": None, "ssim": None, "reused": None, "calls": None,
-                "notes": [f"not applicable: {e}"]}
+        return {**no_result, "notes": [f"not applicable: {e}"]}
 
     def gen(seed=None):
         applied.reset()
@@ -184,20 +190,10 @@ def measure_peer(suite: Suite, family: str, threshold: float, base_fn, base_imgs
     try:      # the first generation (untimed) shows whether the hooks run on this model at all
         gen(CALIBRATION_SEED)
     except (RuntimeError, ValueError, AssertionError, TypeError) as e:
-        return {**row, "speedup": None, "psnr": None, "ssim": None, "reused": None, "calls": None,
-                "notes": [f"fails on this model: {type(e).__name__}: {str(e).splitlines()[0][:160]}"]}
+        return {**no_result, "notes": [f"fails on this model: {type(e).__name__}: {str(e).splitlines()[0][:160]}"]}
     for _ in range(prepare - 1):
         gen(CALIBRATION_SEED)
-    mine, base = [], []
-    imgs = None
-    for _ in range(repeats):
-        base.append(suite.run(base_fn)[1])
-        imgs, dt = gen()
-        mine.append(dt)
-    base.append(suite.run(base_fn)[1])
-    return {**row, "speedup": round(statistics.median(base) / statistics.median(mine), 3),
-            "psnr": round(float(psnr(imgs, base_imgs)), 2), "ssim": round(float(ssim(imgs, base_imgs)), 4),
-            "reused": None, "calls": None, "notes": list(applied.notes)}
+    return {**row, **_timed(suite, base_fn, gen, base_imgs, repeats), "notes": list(applied.notes)}
 
 
 def _family(method: str) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-__all__ = ["MAX_REUSE_RUN", "saved_fraction", "reuse_share", "reuse_count", "uniform_reuse", "interval_for",
+__all__ = ["MAX_REUSE_RUN", "saved_fraction", "reuse_share", "reuse_cap", "reuse_count", "uniform_reuse", "interval_for",
            "run_for", "predicted_speedup", "PRESETS"]
 
 #: the most reuses in a row any target schedule uses (a cache refreshed at least every 4 steps)
@@ -53,11 +53,16 @@ def reuse_share(target: float, c: float) -> float:
     return (1.0 - 1.0 / target) / max(c, 1e-9)
 
 
+def reuse_cap(num_steps: int, warmup: int, cooldown: int) -> int:
+    """The most reuses a generation holds: :data:`MAX_REUSE_RUN` per computed step between
+    warm-up and cool-down."""
+    return (max(0, num_steps - warmup - cooldown) * MAX_REUSE_RUN) // (MAX_REUSE_RUN + 1)
+
+
 def reuse_count(target: float, c: float, num_steps: int, warmup: int, cooldown: int) -> tuple[int, bool]:
     """(reused steps, reachable) for a generation of ``num_steps``: the nearest count to the share,
     capped at :data:`MAX_REUSE_RUN` reuses per computed step after warm-up."""
-    eligible = max(0, num_steps - warmup - cooldown)
-    cap = (eligible * MAX_REUSE_RUN) // (MAX_REUSE_RUN + 1)
+    cap = reuse_cap(num_steps, warmup, cooldown)
     want = round(reuse_share(target, c) * num_steps)
     return max(0, min(want, cap)), want <= cap
 

@@ -506,7 +506,8 @@ def find_spans(gm: fx.GraphModule, blocks: BlockAnalysis) -> SpanAnalysis:
                 n.meta["omni.block"] = (bl.name, bl.tail.index)
         trial = _find_spans(gm, ext)
         made = {sp.group for sp in trial.spans}
-        if all(any(bl.name in g.lists for g in trial.groups if g.name in made) for bl in tailed):
+        cached_lists = {name for g in trial.groups if g.name in made for name in g.lists}
+        if all(bl.name in cached_lists for bl in tailed):
             for bl in tailed:
                 blocks.reasons[:] = [r for r in blocks.reasons if not (r.code == "partial_list" and r.subject == bl.name)]
                 blocks.reasons.append(Reason("odd_tail", f"member {bl.tail.name} differs from the others; cached "

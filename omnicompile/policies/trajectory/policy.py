@@ -84,8 +84,7 @@ class TrajectoryPolicy(Policy):
             return [s for s in c.reuse_steps if 1 <= s < n], None
         if c.curvature == "uniform":        # the budget's reuses spread evenly, corrected
             cool = max(1, c.cooldown)
-            r = min(round(self.budget * n), (max(0, n - c.warmup - cool) * targets.MAX_REUSE_RUN)
-                    // (targets.MAX_REUSE_RUN + 1))
+            r = min(round(self.budget * n), targets.reuse_cap(n, c.warmup, cool))
             return [s for s in range(n) if targets.uniform_reuse(s, n, r, c.warmup, cool)], None
         steps = select_reuse_steps(cal.scores(c.curvature), self.budget, min_gap=c.min_gap,
                                    warmup=c.warmup, cooldown=max(1, c.cooldown), max_run=self.max_run)
