@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 from typing import Callable, Optional
 
@@ -48,7 +49,8 @@ import torch.fx as fx
 
 from omnicompile.passes.collectives import cp_group
 from omnicompile.passes.common import Reason
-from omnicompile.passes.merge import MergeOptions, MergePlan, apply_merge, plan_merge, state_specs
+from omnicompile import merge_cost
+from omnicompile.passes.merge import AXES, MergeOptions, MergePlan, apply_merge, plan_merge, state_specs
 from omnicompile.preview import Preview
 from omnicompile.runtime.base import Runtime, call_compiled
 
@@ -78,8 +80,15 @@ class MergeLayer:
                          f"group {group}): the token/frame/block caches would pick kept rows per shard; not "
                          "supported, the step caches still apply")
             return cls(MergePlan([], [why], None, options), report)
+        on = [a for a in AXES if options.ratio(a) > 0]
         try:
-            plan = plan_merge(gm, blocks, options)
+            if len(on) > 1 and all(options.auto(a) for a in on):
+                plan = _best_axes(gm, blocks, options, on, strict)
+            else:
+                plan = plan_merge(gm, blocks, options)
+                if plan.wraps:   # the predicted saving of each region; "auto" keeps those where it is positive
+                    kept, why = merge_cost.gate(gm, plan, strict=strict)
+                    plan = MergePlan(kept, list(plan.refused) + why, plan.geometry, options)
         except Exception as e:
             if strict:
                 raise
@@ -118,6 +127,27 @@ class MergeLayer:
                                "output, or its residual)"),
                 "merged": (fn.merged_graph, "(*inputs, *merge state, *split index tensors) -> (*outputs, "
                            "*merge state')")}
+
+
+def _best_axes(gm, blocks, options: MergeOptions, axes: list, strict: bool) -> MergePlan:
+    """Every axis at ``"auto"``: each planned and gated alone, then per block the axis with the
+    largest positive predicted saving (a block one axis would lose on may pay on another)."""
+    best: dict = {}
+    refused: list = []
+    geometry = None
+    for a in axes:
+        alone = dataclasses.replace(options, **{f"{x}_ratio": (getattr(options, f"{x}_ratio") if x == a else 0.0)
+                                                 for x in AXES})
+        plan = plan_merge(gm, blocks, alone)
+        geometry = geometry or plan.geometry
+        kept, why = merge_cost.gate(gm, plan, strict=strict) if plan.wraps else ([], [])
+        refused += [r for r in list(plan.refused) + why if r not in refused]
+        for w in kept:
+            if w.block not in best or w.predicted["saving_ms"] > best[w.block].predicted["saving_ms"]:
+                best[w.block] = w
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    wraps = sorted(best.values(), key=lambda w: order[w.region[0]])
+    return MergePlan(wraps, refused, geometry, options)
 
 
 class MergeState:

@@ -410,11 +410,12 @@ class GraphReport:
                       f"{tc.get('full_calls', 0)} full, {tc.get('flops_saved', 0) / 1e6:.3f} MFLOP saved"
                       + (f"; {tc['nonfinite_refreshes']} full call(s) because a cached row was not finite (NaN/inf)"
                          if tc.get("nonfinite_refreshes") else ""), "",
-                      "| block | axis | rows skipped | merged inputs | MFLOP (merged / full) |",
-                      "|---|---|---:|---|---:|"]
+                      "| block | axis | rows skipped | merged inputs | MFLOP (merged / full) | predicted saving ms |",
+                      "|---|---|---:|---|---:|---:|"]
             for w in tc["wrapped"]:
                 lines.append(f"| `{w['block']}` | {w['axis']} | {w['skipped']} of {w['rows']} | "
-                             f"{md_escape(', '.join(w['inputs']))} | {w['flops_merged'] / 1e6:.3f} / {w['flops_full'] / 1e6:.3f} |")
+                             f"{md_escape(', '.join(w['inputs']))} | {w['flops_merged'] / 1e6:.3f} / {w['flops_full'] / 1e6:.3f} "
+                             f"| {_saving(w)} |")
             lines.append("")
         if g.refused:
             lines.append("not cached:")
@@ -585,7 +586,8 @@ class Report:
                                 if s.side_additions else ""))
             for w in g.token_cache.get("wrapped", []):
                 lines.append(f"  wraps {w['block']} along {w['axis']}: {w['skipped']} of {w['rows']} rows skipped, "
-                             f"{w['flops_merged'] / 1e6:.2f} of {w['flops_full'] / 1e6:.2f} MFLOP")
+                             f"{w['flops_merged'] / 1e6:.2f} of {w['flops_full'] / 1e6:.2f} MFLOP, "
+                             f"predicted saving {_saving(w)} ms per call")
             if g.token_cache.get("wrapped"):
                 tc = g.token_cache
                 lines.append(f"  token/frame/block caches: {tc['merged_calls']} merged calls, {tc['full_calls']} full"
@@ -640,3 +642,9 @@ def _generation_text(r: GenerationRecord, models: int) -> str:
 def _policy_text(policy: dict) -> str:
     rest = " ".join(f"{k}={v}" for k, v in policy.items() if k != "policy")
     return f"{policy.get('policy', '?')}{' ' + rest if rest else ''}"
+
+
+def _saving(wrapped: dict) -> str:
+    """A wrapped region's predicted saving per call (the cost gate, ``omnicompile.merge_cost``)."""
+    p = wrapped.get("predicted")
+    return "-" if p is None else f"{p['saving_ms']:+.3f}"

@@ -148,7 +148,7 @@ Modules, in dependency order:
 * ``plan`` — :func:`plan_merge` and its records (:class:`MergePlan`, :class:`Wrap`,
   :class:`TaggedInput`, :class:`TaggedOutput`).
 """
-from .options import AXES, FILLS, LAYERS, PLACEMENTS, MergeOptions
+from .options import AUTO_RATIOS, AXES, FILLS, LAYERS, PLACEMENTS, MergeOptions
 from .layout import Layout, Refuse
 from .prove import prove_region
 from .trace import Tracer, trace_region
@@ -158,5 +158,5 @@ from .plan import MergePlan, TaggedInput, TaggedOutput, Wrap, plan_merge
 
 __all__ = ["MergeOptions", "MergePlan", "plan_merge", "apply_merge", "state_specs", "present_wraps",
            "interpolation_index", "Geometry", "find_geometry", "split_for", "ROTATION", "Wrap", "TaggedInput",
-           "TaggedOutput", "Layout", "Refuse", "Tracer", "trace_region", "prove_region", "AXES", "FILLS",
+           "TaggedOutput", "Layout", "Refuse", "Tracer", "trace_region", "prove_region", "AXES", "AUTO_RATIOS", "FILLS",
            "PLACEMENTS", "LAYERS"]

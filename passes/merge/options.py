@@ -11,9 +11,12 @@ from typing import Optional
 
 from ..errors import OptionError
 
-__all__ = ["AXES", "PLACEMENTS", "FILLS", "LAYERS", "MergeOptions"]
+__all__ = ["AXES", "PLACEMENTS", "FILLS", "LAYERS", "AUTO_RATIOS", "MergeOptions"]
 
 AXES = ("token", "frame", "block")
+#: the ratio ``"auto"`` stands for (the paper's Latte ratios: r_t 0.2, r_f 0.3, r_b 0.4); with
+#: ``"auto"`` a region is wrapped only where the cost model predicts a wall-time saving
+AUTO_RATIOS = {"token": 0.2, "frame": 0.3, "block": 0.4}
 #: ``merge_placement``: "paper" (S2T/T2S) or "swapped" (the paper's S2S/T2T ablation)
 PLACEMENTS = ("paper", "swapped")
 #: ``merge_fill``: where a skipped row's value comes from
@@ -30,7 +33,10 @@ class MergeOptions:
     naming the field, the value and what is allowed."""
 
     #: token cache (OmniCache, any policy): fraction of the tokens of a frame skipped in the
-    #: wrapped spatial blocks and filled from the previous step (0 = off; the paper: <= 0.4)
+    #: wrapped spatial blocks and filled from the previous step (0 = off; the paper: <= 0.4).
+    #: All three ratios also take ``"auto"``: the ratio of :data:`AUTO_RATIOS`, on the blocks
+    #: where the calibrated cost model (:mod:`omnicompile.merge_cost`) predicts the merged
+    #: region plus its scoring / gather / scatter to be faster than the region in full
     token_ratio: float = 0.0
     #: frame cache: fraction of the frames skipped in the spatial blocks of a video model
     frame_ratio: float = 0.0
@@ -66,10 +72,12 @@ class MergeOptions:
     def __post_init__(self):
         for name in ("token_ratio", "frame_ratio", "block_ratio"):
             v = getattr(self, name)
+            if v == "auto":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise OptionError(name, v, "must be a number")
+                raise OptionError(name, v, "must be a number in [0.0, 1.0) or 'auto'")
             if not 0.0 <= v < 1.0:      # written so that NaN fails too (inf fails the bound)
-                raise OptionError(name, v, "must be in [0.0, 1.0)")
+                raise OptionError(name, v, "must be in [0.0, 1.0) or 'auto'")
         if self.patch is not None:
             _check_int("patch", self.patch)
             if self.patch < 1:
@@ -90,10 +98,19 @@ class MergeOptions:
                                   "must be None (only the first call is full) or an integer >= 1 (a full call "
                                   "every N calls)")
 
+    def ratio(self, axis: str) -> float:
+        """The fraction of rows the ``axis`` cache skips (``"auto"``: :data:`AUTO_RATIOS`)."""
+        v = getattr(self, f"{axis}_ratio")
+        return AUTO_RATIOS[axis] if v == "auto" else float(v)
+
+    def auto(self, axis: str) -> bool:
+        """Whether the ``axis`` cache runs only where the cost model predicts a saving."""
+        return getattr(self, f"{axis}_ratio") == "auto"
+
     @property
     def enabled(self) -> bool:
-        """Whether any of the three caches is on (a ratio above 0)."""
-        return self.token_ratio > 0 or self.frame_ratio > 0 or self.block_ratio > 0
+        """Whether any of the three caches is on (a ratio above 0, or ``"auto"``)."""
+        return any(self.ratio(a) > 0 for a in AXES)
 
 
 def _check_int(name: str, value) -> None:

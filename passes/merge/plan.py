@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ...graphs.cost import node_flops
+from ...graphs.cost import node_bytes, node_flops
 from ..common import Reason, example_value
 from .analyze import analyze_block, externals, region_outputs
 from .geometry import Geometry, find_geometry, geo_tokens, split_for
@@ -83,7 +83,11 @@ class Wrap:
     #                            placement: the frames, or positions, of a sample; scored together)
     placement: str = "paper"
     flops_full: int = 0
-    flops_merged: int = 0
+    flops_merged: int = 0      # the region's copy on the kept rows and the ops the rewrite adds
+    bytes_full: int = 0        # bytes moved (cost model, no fusion) by the region in full ...
+    bytes_kept: int = 0        # ... and by its copy on the kept rows
+    flops_kept: int = 0        # FLOPs of the copy on the kept rows alone
+    predicted: Optional[dict] = None   # the cost gate's prediction (omnicompile.merge_cost), when made
 
     @property
     def r(self) -> int:
@@ -95,7 +99,9 @@ class Wrap:
                 "split": self.split_text, "phases": len(self.splits), "region_nodes": len(self.region),
                 "inputs": [f"{t.name}[{t.dim}]={t.layout}" for t in self.inputs],
                 "outputs": [f"{o.name}[{o.dim}]" for o in self.outputs],
-                "flops_full": self.flops_full, "flops_merged": self.flops_merged}
+                "flops_full": self.flops_full, "flops_merged": self.flops_merged, "flops_kept": self.flops_kept,
+                "bytes_full": self.bytes_full, "bytes_kept": self.bytes_kept,
+                **({"predicted": dict(self.predicted)} if self.predicted is not None else {})}
 
 
 @dataclasses.dataclass
@@ -146,7 +152,7 @@ def plan_merge(gm: fx.GraphModule, blocks, options: MergeOptions) -> MergePlan:
         raise TypeError(f"options must be a MergeOptions, got {type(options).__name__}")
     patch, merge_ffn, exclude = options.patch, options.merge_ffn, options.merge_exclude
     fill, placement, rotate = options.merge_fill, options.merge_placement, options.merge_rotate
-    ratios = {"frame": options.frame_ratio, "block": options.block_ratio, "token": options.token_ratio}
+    ratios = {a: options.ratio(a) for a in ("frame", "block", "token")}
     active = [a for a in ("frame", "block", "token") if ratios[a] > 0]
     refused: list[Reason] = []
     wraps: list[Wrap] = []
@@ -352,11 +358,17 @@ def _measure(gm: fx.GraphModule, wraps: list[Wrap], options: MergeOptions) -> No
     by = {n.name: n for n in gm.graph.nodes}
     for w in wraps:
         w.flops_full = sum(node_flops(by[r]) for r in w.region)
+        w.bytes_full = sum(node_bytes(by[r]) for r in w.region)
     merged, _, _ = apply_merge(gm, MergePlan(wraps, [], None, options), merged=True)
-    per: dict[str, int] = {}
+    per: dict[str, list] = {}
     for n in merged.graph.nodes:
         blk = n.meta.get("omni.merged")
         if blk is not None:
-            per[blk] = per.get(blk, 0) + node_flops(n)
+            acc = per.setdefault(blk, [0, 0, 0])
+            f = node_flops(n)
+            acc[0] += f
+            if n.meta.get("omni.merge_op") is None:     # the region's own nodes, on the kept rows
+                acc[1] += f
+                acc[2] += node_bytes(n)
     for w in wraps:
-        w.flops_merged = per.get(w.block, 0)
+        w.flops_merged, w.flops_kept, w.bytes_kept = per.get(w.block, (0, 0, 0))

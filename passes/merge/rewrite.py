@@ -134,6 +134,7 @@ def _rewrite_wrap(gm: fx.GraphModule, by_name: dict, k: int, w: Wrap, caches: li
     def call(fn, args, shape=None, dtype=None, method=False):
         n = graph.call_method(fn, args) if method else graph.call_function(fn, args)
         n.meta["omni.merged"] = w.block
+        n.meta["omni.merge_op"] = w.block      # added by the rewrite (not a copy of a region node)
         if shape is not None:
             n.meta["example_value"] = _fake(shape, dtype, dev)
         return n

@@ -1,0 +1,106 @@
+"""Measured costs on the machine at hand, for the choices a cost model alone gets wrong.
+
+* :func:`measure` — median seconds of a callable after a warm-up (the device synchronised).
+* :func:`node_seconds` — the seconds of every node of a graph, run eagerly once on its real
+  example inputs by an :class:`torch.fx.Interpreter` that times each node.
+* :func:`time_share` — the measured share of a call spent in a set of nodes: what a reuse of
+  the spans saves (``target_cost="measured"``, :mod:`omnicompile.targets`).  The FLOP share
+  overstates it wherever the ops outside the spans (embeddings, norms, the patchify, the final
+  layer) cost time but few FLOPs — on small models and on a CPU by 5–10 %
+  (``bench/RESULTS.md``), which is what put the measured speedups 6–19 % under their target.
+
+The interpreter runs the graph eagerly, so the share is eager's; Inductor's fusion shrinks the
+elementwise glue outside the spans, so under Inductor the true share lies between this one and
+the FLOP share.  One eager forward at compile time; nothing is kept of it but the seconds.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.fx as fx
+
+__all__ = ["sync", "measure", "node_seconds", "time_share"]
+
+
+def sync(device) -> None:
+    """Wait for ``device`` (a no-op off CUDA)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable, device, repeats: int = 5) -> float:
+    """The fastest of ``repeats`` runs of ``fn()`` after one warm-up run, in seconds (no
+    autograd): other load on the machine only ever slows a run down."""
+    with torch.no_grad():
+        fn()
+        sync(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+class _Timed(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, device):
+        super().__init__(gm)
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    def run_node(self, n: fx.Node):
+        if n.op in ("placeholder", "output", "get_attr"):
+            return super().run_node(n)
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = super().run_node(n)
+        sync(self.device)
+        self.seconds[n.name] = time.perf_counter() - t0
+        return out
+
+
+def _device(example_inputs) -> Optional[torch.device]:
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return None
+
+
+def _concrete(a):
+    """A symbolic size input (``dynamic=True``) as the size it was traced at."""
+    if isinstance(a, torch.SymInt):
+        hint = getattr(a.node, "hint", None)
+        if hint is None:
+            raise ValueError("a symbolic size input without a traced value: cannot time the graph")
+        return int(hint)
+    return a
+
+
+def node_seconds(gm: fx.GraphModule, example_inputs: list, rounds: int = 2) -> dict[str, float]:
+    """Seconds of every computing node of ``gm`` (name -> the fastest of ``rounds`` timed runs,
+    after a warm-up run), run eagerly on ``example_inputs``."""
+    device = _device(example_inputs)
+    example_inputs = [_concrete(a) for a in example_inputs]
+    best: dict[str, float] = {}
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            it = _Timed(gm, device)
+            it.run(*example_inputs)
+            if r == 0:
+                continue
+            for k, v in it.seconds.items():
+                best[k] = min(v, best.get(k, v))
+    return best
+
+
+def time_share(gm: fx.GraphModule, example_inputs: list, names: Iterable[str], rounds: int = 2) -> float:
+    """The share of an eager call of ``gm`` spent in the nodes named ``names`` (0..1)."""
+    secs = node_seconds(gm, example_inputs, rounds)
+    total = sum(secs.values())
+    if total <= 0:
+        return 0.0
+    names = set(names)
+    return min(1.0, sum(v for k, v in secs.items() if k in names) / total)
