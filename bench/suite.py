@@ -11,7 +11,9 @@ Models (each trained here, each its own architecture and data):
   (``--models heldout``).
 
 Methods, each at every ``--targets`` speedup (``target_speedup``, the cost model of
-``omnicompile/targets.py``): ``uniform`` (policy ``static`` with a target: the uniform schedule),
+``omnicompile/targets.py``): ``uniform`` (policy ``static`` with a target and ``extrapolate=False``:
+the plain uniform schedule, the baseline of every comparison), ``default-target`` (the default
+policy — ``static``, extrapolated — at the target),
 ``trajectory`` (calibrated on the first generation), ``probe`` (reuse budget) and ``layered``
 (calibrated on the first generation); for the diagnosis ``trajectory-plain`` (its schedule without
 the noise correction) and ``trajectory-error`` (steps scored by the measured error of a reuse on the
@@ -58,7 +60,10 @@ from bench.metrics import psnr, ssim
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
-METHODS = {"uniform": dict(policy="static"), "trajectory": dict(policy="trajectory", calibrate="first"),
+METHODS = {"uniform": dict(policy="static", extrapolate=False),
+           # the default policy at a target: the uniform schedule, extrapolated (static's default)
+           "default-target": dict(policy="static"),
+           "trajectory": dict(policy="trajectory", calibrate="first"),
            "probe": dict(policy="probe"), "layered": dict(policy="layered", calibrate="first"),
            # the diagnosis: the trajectory schedule without its correction, and scored by the measured
            # error of a reuse on the calibration generation instead of curvature
@@ -218,8 +223,8 @@ def frontier(rows: list[dict], speeds=(1.5, 2.0, 2.5, 3.0)) -> str:
     fams = list(dict.fromkeys(_family(r["method"]) for r in rows))
     out = ["| model | method | " + " | ".join(f"{s:g}x" for s in speeds) + " |",
            "|---|---|" + "---:|" * len(speeds)]
-    summary = ["", "Per model at equal measured speed: the best seed policy and the default against the uniform "
-               "schedule and the best peer (dB; + is better).", "",
+    summary = ["", "Per model at equal measured speed: the best seed policy and the default policy (static, "
+               "extrapolated: `default-target`) against the uniform schedule and the best peer (dB; + is better).", "",
                "| model | speed | uniform | best seed policy | Δ vs uniform | default | best peer | default Δ vs best peer |",
                "|---|---:|---:|---|---:|---:|---|---:|"]
     f = lambda v: "" if v is None else f"{v:.1f}"
@@ -237,7 +242,7 @@ def frontier(rows: list[dict], speeds=(1.5, 2.0, 2.5, 3.0)) -> str:
             best = max(seeds) if seeds else (None, "")
             peers_ = [(vals[k][i], k) for k in vals if k in PEERS and vals[k][i] is not None]
             bp = max(peers_) if peers_ else (None, "")
-            d = vals.get("default", [None] * len(speeds))[i]
+            d = vals.get("default-target", [None] * len(speeds))[i]
             summary.append(f"| {m} | {s:g}x | {f(uni)} | {best[1]} {f(best[0])} | "
                            f"{'' if None in (best[0], uni) else f'{best[0] - uni:+.1f}'} | {f(d)} | {bp[1]} {f(bp[0])} | "
                            f"{'' if None in (d, bp[0]) else f'{d - bp[0]:+.1f}'} |")
@@ -260,7 +265,7 @@ def frontier(rows: list[dict], speeds=(1.5, 2.0, 2.5, 3.0)) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | method | target | predicted | measured | PSNR dB | SSIM | reused / calls | notes |",
+    out = ["| model | method | target | predicted (FLOPs) | measured | PSNR dB | SSIM | reused / calls | notes |",
            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.get("speedup") is None:

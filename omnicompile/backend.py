@@ -35,6 +35,8 @@ import torch.fx as fx
 from omnicompile.config import OmniCacheConfig
 from omnicompile.errors import CalibrationError, OmniCacheError, RewriteError
 from omnicompile.generation import current_generation
+from omnicompile import timing
+from omnicompile.passes.collectives import cp_group, host_sum
 from omnicompile.merging import MergeLayer, MergeRuntime
 from omnicompile.passes.blocks import find_blocks
 from omnicompile.passes.common import Reason
@@ -243,7 +245,9 @@ class OmniCache:
         steps = policy.rewrites and bool(analysis.spans)
         if merging and not steps:        # the token / frame / block caches alone
             if merge is None:
-                first = next((r for r in report.refused if r.code.startswith("merge_")), None)
+                merge_why = [r for r in report.refused if r.code.startswith("merge_")]
+                first = next((r for r in merge_why if r.code in ("merge_unprofitable", "merge_cost_failed")),
+                             merge_why[0] if merge_why else None)
                 return first or Reason("merge_nothing", "no region wrapped by the token/frame/block caches")
         elif not analysis.spans:
             return decisive_reason(blocks, analysis)
@@ -253,7 +257,8 @@ class OmniCache:
         guard = cfg.guard if cfg.guard != "auto" else policy.guards[0]
         ctx = RuntimeContext(gm, example_inputs, blocks, analysis, cfg, report,
                              merge.compiler(inner) if merge is not None else inner,
-                             guard if steps else "tokens", merge, self._placement)
+                             guard if steps else "tokens", merge, self._placement,
+                             _node_seconds(gm, example_inputs, cfg, policy) if steps else None)
         if steps:
             rt = policy.make_runtime(ctx)
         else:
@@ -354,3 +359,24 @@ def last_report() -> Report:
     used options last)."""
     return Report([g for oc in _string_instances.values() for g in oc.report().graphs],
                   warnings=[RECOMPILE_HINT] if recompile_limit_hit() else [])
+
+
+def _node_seconds(gm, example_inputs, cfg, policy) -> Optional[dict]:
+    """Each node's eager seconds, for a policy with a target speedup under
+    ``target_cost="measured"`` (:mod:`omnicompile.timing`); None otherwise, or when the eager run
+    fails outside strict mode (the FLOP share is used then, and a warning logged)."""
+    if cfg.target_cost != "measured" or getattr(policy, "target", None) is None:
+        return None
+    try:
+        secs = timing.node_seconds(gm, example_inputs)
+        group = cp_group(gm.graph)
+        if group is not None:       # every rank must size its schedule alike: the group's sum
+            names = sorted(secs)
+            secs = dict(zip(names, host_sum([secs[n] for n in names], group)))
+        return secs
+    except Exception:
+        if cfg.strict:
+            raise
+        log.warning("omnicache: timing the graph for target_cost='measured' failed; using the FLOP share",
+                    exc_info=True)
+        return None

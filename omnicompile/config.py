@@ -68,6 +68,11 @@ class OmniCacheConfig:
     cooldown: int = 0
     #: static: explicit 0-based steps to reuse (overrides interval/warmup/cooldown)
     reuse_steps: Optional[tuple] = None
+    #: static (and its presets): a reused span adds r_last + alpha * (k/d) * (r_last - r_prev),
+    #: its last two computed residuals extrapolated to this step, alpha fitted online on each
+    #: computed step (least squares, clipped to [0, 1]: 0 where extrapolating would not have
+    #: helped); False = plain reuse of r_last.  guard="variants" only (cond: plain reuse)
+    extrapolate: bool = True
     #: number of denoising steps per generation, when known ahead (used by cooldown)
     num_steps: Optional[int] = None
     #: how the branch is guarded: "variants" (host picks a specialised compiled graph),
@@ -128,6 +133,10 @@ class OmniCacheConfig:
     #: layered (OmniCache Layered Cache, Algorithm 1): target speedup s_r; (unit, step) pairs are
     #: reused, lowest quality cost per saved FLOP first, until 1 - 1/s_r of a generation is saved
     target_speedup: float = 2.0
+    #: every policy with a target speedup: what a reuse saves, "measured" (the share of an eager
+    #: call's time in the spans, timed once at compile time on this machine) or "flops" (their share
+    #: of the FLOPs: deterministic, overstates the saving on small models; omnicompile.targets)
+    target_cost: str = "measured"
     #: layered: caching interval N of Algorithm 1 — no unit reuses more than N - 1 steps in a
     #: row (the paper: N = 5 on SD3); 1 = never reuse
     cache_interval: int = 5
@@ -211,6 +220,9 @@ class OmniCacheConfig:
             raise ConfigError("probe_depth", self.probe_depth, "must be an integer >= 1")
         _check_number("ret_ratio", self.ret_ratio, lo=0.0, hi=1.0, hi_open=True)
         _check_choice("error", self.error, ("delta_y", "delta_minus"))
+        _check_choice("target_cost", self.target_cost, ("measured", "flops"))
+        if not isinstance(self.extrapolate, bool):
+            raise ConfigError("extrapolate", self.extrapolate, "must be True or False")
         if not isinstance(self.align, bool):
             raise ConfigError("align", self.align, "must be True or False")
         clip = self.align_clip

@@ -1,8 +1,11 @@
 """``target_speedup`` for every policy: from "2x" to each policy's own knobs.
 
-A reused step skips the guarded spans: it saves the fraction ``c`` of a computed step's FLOPs
-(``c = sum of the spans' FLOPs / the graph's FLOPs per call``, both from the cost model the report
-uses).  Over ``N`` steps with ``R`` reuses the generation costs ``1 - R c / N`` of the uncached
+A reused step skips the guarded spans: it saves the fraction ``c`` of a computed step.  With
+``target_cost="measured"`` (the default) ``c`` is the measured share of an eager call's time spent
+in the spans' nodes (:mod:`omnicompile.timing`: one eager forward at compile time, each node
+timed); with ``target_cost="flops"`` it is the share of the FLOPs (``c = sum of the spans' FLOPs
+/ the graph's FLOPs per call``, both from the cost model the report uses; deterministic, but it
+overstates what a reuse saves where the ops outside the spans cost time and few FLOPs).  Over ``N`` steps with ``R`` reuses the generation costs ``1 - R c / N`` of the uncached
 one, so a target ``s`` asks for
 
     share = R / N = (1 - 1/s) / c        (of all steps)
@@ -21,8 +24,9 @@ Each policy turns that share into its knobs:
 
 A target the policy cannot reach (at most :data:`MAX_REUSE_RUN` reuses between two computed
 steps; warm-up and the last steps stay computed) is capped and reported (``target_unreachable``)
-with the speedup the cost model predicts.  The FLOPs model ignores per-call overheads; on a small
-model on a CPU the measured speedup is lower (``bench/RESULTS.md``).
+with the speedup the cost model predicts.  Neither share counts the host's per-call work (the
+runtime, Dynamo's guards) nor a policy's own in-graph additions (the probe's measurements); on a
+small model on a CPU the measured speedup is lower (``bench/RESULTS.md``).
 """
 from __future__ import annotations
 
@@ -39,9 +43,18 @@ MAX_REUSE_RUN = 3
 PRESETS = {"quality": 1.5, "balanced": 2.0, "fast": 2.5}
 
 
-def saved_fraction(spans, flops_per_call: int) -> float:
-    """``c``: the fraction of a call's FLOPs a reuse of every span in ``spans`` skips (1.0 when
-    the graph's FLOPs are unknown)."""
+def saved_fraction(spans, flops_per_call: int, node_seconds: Optional[dict] = None) -> float:
+    """``c``: the fraction of a call a reuse of every span in ``spans`` skips.  With
+    ``node_seconds`` (``target_cost="measured"``: each node's eager seconds on this machine,
+    :func:`omnicompile.timing.node_seconds`) the measured share of the time spent in the spans'
+    nodes (those a reuse skips: not the ones it keeps); else the share of the FLOPs (1.0 when the
+    graph's FLOPs are unknown)."""
+    if node_seconds:
+        total = sum(node_seconds.values())
+        skipped = {n.name for s in spans for n in s.nodes} - {n.name for s in spans for n in s.keep}
+        spent = sum(v for k, v in node_seconds.items() if k in skipped)
+        if total > 0 and spent > 0:
+            return min(1.0, spent / total)
     saved = sum(int(s.flops) for s in spans)
     if flops_per_call <= 0 or saved <= 0:
         return 1.0

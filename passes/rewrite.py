@@ -49,7 +49,7 @@ import torch.fx as fx
 from .common import example_value
 from .edit import add_placeholder, copy_graph_module, output_values, safe_name, set_outputs
 from .errors import RewriteError
-from .collectives import eliminate_dead_code
+from .collectives import cp_group, eliminate_dead_code
 from .spans import Span
 
 __all__ = ["build_variant", "build_cond", "guard_span", "finite_flag"]
@@ -83,25 +83,60 @@ def finite_flag(g: fx.Graph, tensors: Sequence[fx.Node], after: fx.Node) -> fx.N
     return flag
 
 
+#: the largest extrapolation coefficient the online fit may choose (``extrapolate``)
+ALPHA_MAX = 1.0
+
+
 def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[bool],
-                  finite: bool = False) -> fx.GraphModule:
+                  finite: bool = False, extrapolate: bool = False) -> fx.GraphModule:
+    """One decision per span: reused (``in + residual``) or computed (``out - in`` returned).
+
+    With ``extrapolate`` every span takes ``(r_last..., r_prev..., scalar)`` — its last two
+    computed residuals per live stream and a 0-d float — and a reused span adds
+    ``r_last + scalar * (r_last - r_prev)`` (the scalar is ``alpha * k / d``: the fitted
+    coefficient times the staleness ratio, the host's product); a computed span takes the
+    staleness ratio ``k_new`` of this step as its scalar and also returns, last, its new
+    coefficient ``alpha'``: the least-squares fit of ``out - in - r_last`` on
+    ``k_new * (r_last - r_prev)`` over its streams, clipped to ``[0, ALPHA_MAX]`` (0 when the
+    fit is undefined or not finite) — an extrapolation that would have increased the error of
+    this step's residual gets 0."""
     if len(reuse) != len(spans):
         raise RewriteError("bad_decision", f"{len(reuse)} decisions for {len(spans)} spans")
     new, env = copy_graph_module(gm)
     g = new.graph
     extra_out: list[fx.Node] = []
     flags: list[fx.Node] = []
+    alphas: list[fx.Node] = []
     repl: dict[fx.Node, fx.Node] = {}   # outputs of earlier spans -> what replaced them
     for sp, r in zip(spans, reuse):
         new_res: list[fx.Node] = []
         inside = {env[n] for n in sp.nodes}
         keep = {env[n] for n in sp.keep}
         last = max((env[n] for n in sp.nodes), key=lambda n: _order(g)[n])
-        for s in sp.live_streams:
+        window = None
+        if extrapolate or r:
+            lasts = [add_placeholder(g, f"omni_res_{safe_name(sp.name)}_{s.name}", _fake_like(s.input))
+                     for s in sp.live_streams]
+        if extrapolate:
+            prevs = [add_placeholder(g, f"omni_resprev_{safe_name(sp.name)}_{s.name}", _fake_like(s.input))
+                     for s in sp.live_streams]
+            scalar = add_placeholder(g, f"omni_coef_{safe_name(sp.name)}", _scalar_like(sp.live_streams[0].input))
+            window = (lasts, prevs, scalar)
+        for j, s in enumerate(sp.live_streams):
             o = env[s.output]
             if r:
-                res = add_placeholder(g, f"omni_res_{safe_name(sp.name)}_{s.name}", _fake_like(s.input))
+                res = lasts[j]
                 x, last = stream_base(g, env, repl, s, last)
+                if window is not None:     # r_last + coef * (r_last - r_prev)
+                    with g.inserting_after(last):
+                        dif = g.call_function(torch.sub, (res, prevs[j]))
+                    with g.inserting_after(dif):
+                        step = g.call_function(torch.mul, (dif, scalar))
+                    with g.inserting_after(step):
+                        res = g.call_function(torch.add, (lasts[j], step))
+                    for n in (dif, step, res):
+                        n.meta["example_value"] = _fake_like(s.input)
+                    last = res
                 with g.inserting_after(last):
                     y = g.call_function(operator.add, (x, res))
                 y.meta["example_value"] = _fake_like(s.output)
@@ -117,13 +152,52 @@ def build_variant(gm: fx.GraphModule, spans: Sequence[Span], reuse: Sequence[boo
                 new_res.append(d)
         if finite and not r:
             flags.append(finite_flag(g, new_res, max(new_res, key=lambda n: _order(g)[n])))
+        if window is not None and not r:
+            alphas.append(_fit_alpha(g, new_res, *window, group=cp_group(gm.graph)))
     # read the outputs only now: a stream output may itself be a graph output, replaced above
     out_node, outs = output_values(g)
-    set_outputs(out_node, outs + extra_out + flags)
+    set_outputs(out_node, outs + extra_out + flags + alphas)
     eliminate_dead_code(g)         # dead collectives too (passes.collectives)
     g.lint()
     new.recompile()
     return new
+
+
+def _scalar_like(node: fx.Node):
+    """A 0-d float32 fake on ``node``'s device (the example of a scalar input)."""
+    ev = example_value(node)
+    return ev.new_empty((), dtype=torch.float32)
+
+
+def _fit_alpha(g: fx.Graph, new_res: Sequence[fx.Node], lasts, prevs, k_new, group=None) -> fx.Node:
+    """``alpha' = clip(<e, u> / <u, u>, 0, ALPHA_MAX)`` over the streams (float32), with
+    ``e = new - r_last`` and ``u = k_new (r_last - r_prev)``; 0 where ``<u, u>`` is 0 or the
+    ratio is not finite.  Inserted after the last new residual.  Under context parallelism
+    (``group``) both sums run over every rank's shard (a functional all_reduce): every rank fits
+    the coefficient of the whole sequence, as a single process does."""
+    at = max(new_res, key=lambda n: _order(g)[n])
+    num = den = None
+
+    def op(fn, *args):
+        nonlocal at
+        with g.inserting_after(at):
+            at = g.call_method(fn, args) if isinstance(fn, str) else g.call_function(fn, args)
+        return at
+
+    for d, rl, rp in zip(new_res, lasts, prevs):
+        e = op(torch.sub, op("float", d), op("float", rl))
+        u = op(torch.mul, op(torch.sub, op("float", rl), op("float", rp)), k_new)
+        a, b = op(torch.sum, op(torch.mul, e, u)), op(torch.sum, op(torch.mul, u, u))
+        num = a if num is None else op(torch.add, num, a)
+        den = b if den is None else op(torch.add, den, b)
+    if group is not None:
+        c10d = torch.ops._c10d_functional
+        num = op(c10d.wait_tensor.default, op(c10d.all_reduce.default, num, "sum", group))
+        den = op(c10d.wait_tensor.default, op(c10d.all_reduce.default, den, "sum", group))
+    ratio = op(torch.div, num, den)
+    ok = op(torch.logical_and, op(torch.gt, den, 0.0), op(torch.isfinite, ratio))
+    clipped = op(torch.clamp, ratio, 0.0, ALPHA_MAX)
+    return op(torch.where, ok, clipped, op(torch.zeros_like, clipped))
 
 
 def stream_base(g: fx.Graph, env: dict, repl: dict, s, after: fx.Node) -> tuple[fx.Node, fx.Node]:

@@ -304,12 +304,14 @@ def test_dumped_graphs_reload_and_compute_the_same(tmp_path, guard):
         _assert_same(load_graph(tmp_path / "graph7_before.py")(*ex), gm(*ex))
         spans = rt.spans
         res = [torch.randn(s.shape) for sp in spans for s in sp.live_streams]
-        if guard == "variants":
-            for dec, extra in (((False, False), []), ((True, True), res)):
+        if guard == "variants":      # extrapolate (the default): per span r_last..., r_prev..., a scalar
+            window = [t for sp in spans for t in ([torch.randn(s.shape) for s in sp.live_streams] * 2
+                                                  + [torch.tensor(0.5)])]
+            for dec in ((False, False), (True, True)):
                 name = "variant_" + "".join("R" if d else "C" for d in dec)
-                got = load_graph(tmp_path / f"graph7_after_{name}.py")(*ex, *extra)
-                _assert_same(got, rt.graphs[name](*ex, *extra))
-                _assert_same(got, build_variant(gm, spans, dec, finite=True)(*ex, *extra))
+                got = load_graph(tmp_path / f"graph7_after_{name}.py")(*ex, *window)
+                _assert_same(got, rt.graphs[name](*ex, *window))
+                _assert_same(got, build_variant(gm, spans, dec, finite=True, extrapolate=True)(*ex, *window))
         else:
             g = build_cond(gm, spans, finite=True)       # the runtime's: with the finiteness flags
             loaded = load_graph(tmp_path / "graph7_after_cond.py")

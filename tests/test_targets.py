@@ -57,6 +57,39 @@ def test_reuse_count_meets_the_target_under_the_cost_model():
     assert not ok and r == 26 * 3 // 4
 
 
+def test_saved_fraction_measured_is_the_time_share_of_the_skipped_nodes():
+    """target_cost="measured": c = seconds of the spans' nodes (less those a reuse keeps) over
+    all seconds; without timings the FLOP share."""
+    import types
+
+    n = lambda name: types.SimpleNamespace(name=name)                                   # noqa: E731
+    span = types.SimpleNamespace(nodes=[n("a"), n("b"), n("k")], keep=[n("k")], flops=90)
+    secs = {"a": 2.0, "b": 1.0, "k": 0.5, "embed": 0.5, "final": 1.0}
+    assert targets.saved_fraction([span], 100, secs) == pytest.approx(3.0 / 5.0)
+    assert targets.saved_fraction([span], 100) == pytest.approx(0.9)
+    assert targets.saved_fraction([span], 100, {}) == pytest.approx(0.9)
+
+
+def test_target_cost_measured_times_the_graph_and_is_validated():
+    """The default measures the spans' time share at compile time (one eager forward); on a
+    tiny model the glue outside the spans costs time but few FLOPs: the share is below the FLOP
+    share.  A wrong value is refused by name."""
+    tp = build_pipeline("sd3", num_layers=3)
+    shares = {}
+    for cost in ("measured", "flops"):
+        oc = omnicompile.OmniCache(policy="static", target_speedup=2.0, inner_backend="eager", strict=True,
+                                   target_cost=cost)
+        rec = Recorder(oc)
+        tp.pipe.transformer = _compile(tp, rec)
+        with omnicompile.generation(num_steps=8):
+            tp(num_inference_steps=8)
+        shares[cost] = rec.graphs[0].report.policy["saved_per_reuse"]
+        _restore(tp)
+    assert 0 < shares["measured"] < shares["flops"] <= 1, shares
+    with pytest.raises(ConfigError, match="target_cost"):
+        omnicompile.OmniCache(target_cost="time")
+
+
 # ----------------------------------------------------------------------------- through pipelines
 
 
@@ -70,7 +103,7 @@ def test_target_speedup_is_met_on_a_pipeline(policy, opts):
     tp = build_pipeline("sd3", num_layers=3)
     for target in (1.5, 2.0):
         oc = omnicompile.OmniCache(policy=policy, target_speedup=target, inner_backend="eager", strict=True,
-                                   **opts)
+                                   target_cost="flops", **opts)      # the FLOP model, deterministic
         rec = Recorder(oc)
         tp.pipe.transformer = _compile(tp, rec)
         with omnicompile.generation(num_steps=28):

@@ -52,7 +52,7 @@ class ProbePolicy(Policy):
     """DiCache (see the module docstring)."""
 
     guards = ("cond",)
-    options = ("threshold", "probe_depth", "ret_ratio", "error", "align", "align_clip", "target_speedup")
+    options = ("threshold", "probe_depth", "ret_ratio", "error", "align", "align_clip", "target_speedup", "target_cost")
 
     def __init__(self, config):
         super().__init__(config)
@@ -124,7 +124,7 @@ class ProbeRuntime(Runtime):
         sig = ("(*inputs, force, budget, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev, r_last] per span, "
                "ok_last, ok_prev, th) -> (*outputs, *state', reuse, err, gamma, nonfinite, th')")
         self._fn = self.compile("probe", g, [self._flags[False], self._budget(-1.0)] + self.examples(self.specs), sig)
-        policy.saved = saved_fraction(self.spans, self.report.flops_per_call)
+        policy.saved = saved_fraction(self.spans, self.report.flops_per_call, ctx.node_seconds)
         self.report.policy = policy.describe()
         self._th: dict = {}          # (model, slot) -> the paced threshold the last generation ended with
 

@@ -44,7 +44,7 @@ class StaticPolicy(SchedulePolicy):
     evenly after warm-up; with the step count unknown, the nearest integer interval.
     """
 
-    options = ("interval", "warmup", "cooldown", "reuse_steps", "target_speedup")
+    options = ("interval", "warmup", "cooldown", "reuse_steps", "target_speedup", "target_cost", "extrapolate")
     #: presets set this: the target when the user sets none
     default_target: Optional[float] = None
 
@@ -118,20 +118,27 @@ class StaticPolicy(SchedulePolicy):
             return [(False,) * n_spans]
         return super().variants(n_spans)
 
+    @property
+    def extrapolate(self) -> bool:
+        """A reused span extrapolates along its last two residuals, fitted online (the runtime:
+        :class:`omnicompile.runtime.spans.SpanRuntime`; ``guard="variants"`` only)."""
+        return bool(self.config.extrapolate)
+
     def describe(self):
         c = self.config
+        ex = {"extrapolate": bool(c.extrapolate)}
         if c.reuse_steps is not None:
-            return {"policy": self.name, "reuse_steps": list(c.reuse_steps)}
+            return {"policy": self.name, "reuse_steps": list(c.reuse_steps), **ex}
         if self.target is not None:
             return {"policy": self.name, **targets.describe_target(self.target, self.saved), "warmup": c.warmup,
-                    "cooldown": c.cooldown}
-        return {"policy": self.name, "interval": c.interval, "warmup": c.warmup, "cooldown": c.cooldown}
+                    "cooldown": c.cooldown, **ex}
+        return {"policy": self.name, "interval": c.interval, "warmup": c.warmup, "cooldown": c.cooldown, **ex}
 
 
 class _TargetPreset(StaticPolicy):
     """A preset: the uniform schedule at a fixed target (``omnicompile.targets.PRESETS``)."""
 
-    options = ("warmup", "cooldown", "target_speedup")
+    options = ("warmup", "cooldown", "target_speedup", "target_cost", "extrapolate")
 
 
 @register_policy("quality")

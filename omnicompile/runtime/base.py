@@ -106,6 +106,9 @@ class RuntimeContext:
     merge: Any = None
     #: placement without a context shared by the backend's graphs (runtime.placement), or None
     shared_placement: Any = None
+    #: each node's eager seconds on this machine (``target_cost="measured"`` and a policy with a
+    #: target speedup: :func:`omnicompile.timing.node_seconds`), or None
+    node_seconds: Optional[dict] = None
 
 
 @dataclasses.dataclass

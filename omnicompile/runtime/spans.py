@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from omnicompile.passes.common import Reason
 from omnicompile.passes.rewrite import build_cond, build_variant
 from omnicompile.targets import saved_fraction
 from omnicompile.preview import Preview
@@ -58,8 +59,13 @@ class SpanRuntime(Runtime):
         super().__init__(ctx, spans if spans is not None else policy.select_spans(ctx))
         bind = getattr(policy, "bind_cost", None)      # a policy with a target speedup sizes its schedule
         if bind is not None:
-            bind(saved_fraction(self.spans, self.report.flops_per_call), self.report)
+            bind(saved_fraction(self.spans, self.report.flops_per_call, ctx.node_seconds), self.report)
         self._pred = {False: torch.tensor(False), True: torch.tensor(True)}
+        self._scalars: dict = {}                  # host float -> 0-d device tensor (extrapolate)
+        if getattr(policy, "extrapolate", False) and self.guard != "variants":
+            self.report.refused.append(Reason(
+                "extrapolate_cond", f"extrapolate: guard={self.guard!r} reuses the plain last residual (the "
+                "extrapolation's window and coefficient are kept by host-picked variants: guard='variants')"))
         #: cond guard: (step record, span names, blocked flags) read back in flush()
         self._pending: list = []
         self._oks: dict = {}
@@ -119,18 +125,66 @@ class SpanRuntime(Runtime):
     def _residual_specs(spans: Sequence, which: Sequence[bool]) -> list:
         return [s for sp, on in zip(spans, which) if on for s in sp.live_streams]
 
+    @property
+    def extrapolate(self) -> bool:
+        """Reused spans extrapolate along their last two residuals (the policy's ``extrapolate``;
+        host-picked variants only)."""
+        return self.guard == "variants" and bool(getattr(self.policy, "extrapolate", False))
+
     def _variant(self, spans: Sequence, dec: tuple) -> Callable:
         key = self._name(spans, variant_key(dec))
         fn = self.compiled.get(key)
         if fn is None:
             reused = [sp.name for sp, d in zip(spans, dec) if d] or "no span"
             computed = [sp.name for sp, d in zip(spans, dec) if not d] or "no span"
-            sig = (f"(*inputs, *residuals of {reused}) -> (*outputs, *residuals of {computed}); "
-                   "residuals: live streams, span by span")
-            sig += "; then per computed span a 0-d bool: its new residuals are all finite"
-            fn = self.compile(key, build_variant(self.gm, spans, dec, finite=True),
-                              self.examples(self._residual_specs(spans, dec)), sig)
+            if self.extrapolate:
+                sig = ("(*inputs, *per span: r_last per live stream, r_prev per live stream, 0-d float (reused: "
+                       f"alpha * k / d; computed: k_new)) -> (*outputs, *residuals of {computed}, *per computed span "
+                       "a 0-d bool: its new residuals are all finite, *per computed span its new alpha)")
+                examples = []
+                for sp in spans:
+                    examples += self.examples(sp.live_streams) * 2 + [torch.zeros((), device=self.device)]
+            else:
+                sig = (f"(*inputs, *residuals of {reused}) -> (*outputs, *residuals of {computed}); "
+                       "residuals: live streams, span by span")
+                sig += "; then per computed span a 0-d bool: its new residuals are all finite"
+                examples = self.examples(self._residual_specs(spans, dec))
+            fn = self.compile(key, build_variant(self.gm, spans, dec, finite=True, extrapolate=self.extrapolate),
+                              examples, sig)
         return fn
+
+    def _window_inputs(self, call: Call, spans: Sequence, dec: tuple, slot_cache: list, win: list) -> list:
+        """``extrapolate``: per span ``r_last..., r_prev..., scalar`` (see :meth:`_variant`).
+        ``win[i]``: ``{"prev", "prev_ok", "steps", "alpha"}`` of span ``i`` in this slot (None
+        before its first compute).  A missing or non-finite ``r_prev`` is ``r_last`` (no
+        extrapolation); a span never computed gets zeros."""
+        extra = []
+        for i, sp in enumerate(spans):
+            last, w = slot_cache[i], win[i]
+            if last is None:
+                last = self.zeros(call, sp.live_streams)
+            prev = w["prev"] if w is not None else None
+            if prev is not None and isinstance(w["prev_ok"], torch.Tensor):
+                w["prev_ok"] = bool(w["prev_ok"])
+            if prev is None or not w["prev_ok"]:
+                prev = last
+            ratio = 0.0
+            if w is not None and w["steps"][0] is not None and w["steps"][1] > w["steps"][0]:
+                s0, s1 = w["steps"]
+                ratio = (call.step - s1) / (s1 - s0)
+            scalar = self._scalar(ratio)
+            if dec[i]:
+                scalar = w["alpha"] * scalar if (w is not None and prev is not last) else self._scalar(0.0)
+            extra += list(last) + list(prev) + [scalar]
+        return extra
+
+    def _scalar(self, value: float) -> torch.Tensor:
+        t = self._scalars.get(value)
+        if t is None:
+            if len(self._scalars) > 256:
+                self._scalars.clear()
+            t = self._scalars[value] = torch.tensor(float(value), dtype=torch.float32, device=self.device)
+        return t
 
     def _cond(self, spans: Sequence) -> Callable:
         key = self._name(spans, "cond")
@@ -160,6 +214,7 @@ class SpanRuntime(Runtime):
         slot_ok = call.session.data.setdefault("finite", {}).setdefault(call.slot, [True] * n)
         want = self.want(call.step, call.num_steps, spans, call)
         nonfinite: list[str] = []
+        win = call.session.data.setdefault("window", {}).setdefault(call.slot, [None] * n)
         if self.guard == "variants":
             for i in range(n):
                 if want[i] and slot_cache[i] is not None and call.certain:
@@ -167,20 +222,30 @@ class SpanRuntime(Runtime):
                         slot_ok[i] = bool(slot_ok[i])     # after the timestep read: no new stall
                     if not slot_ok[i]:                     # never replay a non-finite residual
                         slot_cache[i] = None
+                        win[i] = None
                         nonfinite.append(spans[i].name)
         dec, forced = self.decisions(want, [c is not None for c in slot_cache], call.certain)
         forced = [i for i in forced if spans[i].name not in nonfinite]
         if self.guard == "variants":
             fn = self._variant(spans, dec)
-            extra = [r for i in range(n) if dec[i] for r in slot_cache[i]]
+            if self.extrapolate:
+                extra = self._window_inputs(call, spans, dec, slot_cache, win)
+            else:
+                extra = [r for i in range(n) if dec[i] for r in slot_cache[i]]
             outs = self.invoke(call, fn, list(args) + extra)
             n_comp = sum(not d for d in dec)
             n_res = sum(counts[i] for i in range(n) if not dec[i])
             new_res = _contiguous(outs[self.n_out:self.n_out + n_res])
             flags = list(outs[self.n_out + n_res:self.n_out + n_res + n_comp])
+            alphas = list(outs[self.n_out + n_res + n_comp:self.n_out + n_res + 2 * n_comp]) if self.extrapolate else []
             k = 0
             for i in range(n):
                 if not dec[i]:
+                    w = win[i]
+                    if self.extrapolate:    # shift the window: the old r_last becomes r_prev
+                        win[i] = {"prev": slot_cache[i], "prev_ok": slot_ok[i],
+                                  "steps": (w["steps"][1] if w is not None else None, call.step),
+                                  "alpha": alphas.pop(0)}
                     slot_cache[i] = new_res[k:k + counts[i]]
                     slot_ok[i] = flags.pop(0)
                     k += counts[i]

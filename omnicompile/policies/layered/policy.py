@@ -33,8 +33,13 @@ class LayeredPolicy(Policy):
     """OmniCache's Layered Cache (see :mod:`omnicompile.policies.layered`).  The plan, the
     profile and the profiling modes live in the runtime (:class:`LayeredRuntime`)."""
 
-    options = ("target_speedup", "cache_interval", "calibrate")
+    options = ("target_speedup", "cache_interval", "calibrate", "target_cost")
     calibratable = True
+
+    @property
+    def target(self) -> float:
+        """The target speedup (the backend times the graph for ``target_cost="measured"``)."""
+        return float(self.config.target_speedup)
 
     def make_runtime(self, ctx):
         return LayeredRuntime(ctx, self)

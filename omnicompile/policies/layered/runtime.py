@@ -33,7 +33,7 @@ class LayeredRuntime(SpanRuntime):
     def __init__(self, ctx, policy):
         self.policy = policy
         self.config, self.report = ctx.config, ctx.report   # (read by the file checks, before Runtime.__init__)
-        self.ug: UnitGraph = analyze_units(ctx.gm, ctx.analysis)
+        self.ug: UnitGraph = analyze_units(ctx.gm, ctx.analysis, ctx.node_seconds)
         if not any(sp is not None for sp in self.ug.unit_spans.values()):
             first = self.ug.refused[0] if self.ug.refused else None
             raise RewriteError("no_reusable_unit", "layered: no unit can be reused on its own"

@@ -61,8 +61,10 @@ def unit_fingerprint(gm: fx.GraphModule, units: Sequence[str]) -> str:
     return h.hexdigest()[:32]
 
 
-def analyze_units(gm: fx.GraphModule, analysis) -> UnitGraph:
-    """Units, single-unit spans, the DAG and the costs of an analysed graph."""
+def analyze_units(gm: fx.GraphModule, analysis, node_seconds: Optional[dict] = None) -> UnitGraph:
+    """Units, single-unit spans, the DAG and the costs of an analysed graph.  The DAG's costs
+    (what the plan saves) are FLOPs, or with ``node_seconds`` (``target_cost="measured"``) each
+    node's measured eager seconds."""
     nodes = list(gm.graph.nodes)
     units, where, unit_nodes, streams, chains = [], {}, {}, {}, {}
     spans: dict[str, Optional[Span]] = {}
@@ -82,7 +84,8 @@ def analyze_units(gm: fx.GraphModule, analysis) -> UnitGraph:
     sym = graph_size_symbols(gm, is_param_placeholder)
     dag = unit_dag(nodes, unit_nodes, stream_inputs=streams, chains=chains,
                    cacheable={u: spans[u] is not None for u in units},
-                   cost=lambda ns: float(sum(node_flops(n) for n in ns)))
+                   cost=((lambda ns: float(sum(node_seconds.get(n.name, 0.0) for n in ns))) if node_seconds
+                         else (lambda ns: float(sum(node_flops(n) for n in ns)))))
     costs = {u: region_cost(unit_nodes[u], sym, is_param_placeholder) for u in units}
     in_units = {n for ns in unit_nodes.values() for n in ns}
     costs["other"] = region_cost([n for n in nodes if n not in in_units], sym, is_param_placeholder)

@@ -24,7 +24,7 @@ class TrajectoryPolicy(Policy):
 
     guards = ("variants",)
     options = ("budget", "calibrate", "correction", "curvature", "min_gap", "max_run", "run_correction",
-               "correction_band", "warmup", "cooldown", "reuse_steps", "target_speedup")
+               "correction_band", "warmup", "cooldown", "reuse_steps", "target_speedup", "target_cost")
     calibratable = True
     default_budget: Optional[float] = None   # presets set these
     default_max_run: Optional[int] = None

@@ -37,7 +37,7 @@ class TrajectoryRuntime(Runtime):
     def __init__(self, ctx, policy):
         self.policy = policy
         super().__init__(ctx, ctx.analysis.spans)
-        policy.bind_cost(saved_fraction(self.spans, self.report.flops_per_call), self.report)
+        policy.bind_cost(saved_fraction(self.spans, self.report.flops_per_call, ctx.node_seconds), self.report)
         gm, config, report = self.gm, self.config, self.report
         self.counts = [len(s.live_streams) for s in self.spans]
         self.fingerprint = graph_fingerprint(gm)
