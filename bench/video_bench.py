@@ -78,6 +78,10 @@ ROWS = {
     "all (paper) fixed split": dict(policy="none", token_ratio=0.2, frame_ratio=0.3, block_ratio=0.4,
                                     merge_rotate=False),
     "all-0.5 refresh=2": dict(policy="none", token_ratio=0.5, frame_ratio=0.5, block_ratio=0.5, merge_refresh=2),
+    # the cost gate: each cache only on the blocks where it is predicted to pay on this machine
+    "all auto": dict(policy="none", token_ratio="auto", frame_ratio="auto", block_ratio="auto"),
+    "all auto + static-2": dict(policy="static", interval=2, warmup=2, token_ratio="auto", frame_ratio="auto",
+                                block_ratio="auto"),
 }
 QUICK = ["static-2", "token-0.4", "frame-0.5", "block-0.5", "all (paper: f0.3 b0.4 t0.2)"]
 

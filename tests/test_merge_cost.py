@@ -177,3 +177,16 @@ def test_every_axis_auto_picks_per_block_the_axis_that_pays(monkeypatch):
     torch._dynamo.reset()
     _, g = run(model, kw, token_ratio="auto", frame_ratio="auto", block_ratio="auto")
     assert {w["axis"] for w in g.token_cache["wrapped"] if w["block"].startswith("transformer_blocks")} == {"frame"}
+
+
+def test_a_saving_inside_the_margin_is_refused(monkeypatch):
+    """'auto' wants the predicted saving above MARGIN of the region's time: a region predicted to
+    save half of that is refused, one predicted to save twice that is kept."""
+    model, kw = latte()
+    _, g = run(model, kw, fake_timer(0.0), monkeypatch=monkeypatch, frame_ratio="auto")
+    p = g.token_cache["wrapped"][0]["predicted"]
+    for share, kept in ((0.5, False), (2.0, True)):
+        merge_s = (p["full_ms"] - p["kept_ms"] - share * merge_cost.MARGIN * p["full_ms"]) / 1e3
+        torch._dynamo.reset()
+        _, g = run(model, kw, fake_timer(merge_s), monkeypatch=monkeypatch, frame_ratio="auto")
+        assert g.cached == kept, (share, g.refused)

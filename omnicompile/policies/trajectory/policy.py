@@ -86,7 +86,10 @@ class TrajectoryPolicy(Policy):
             cool = max(1, c.cooldown)
             r = min(round(self.budget * n), targets.reuse_cap(n, c.warmup, cool))
             return [s for s in range(n) if targets.uniform_reuse(s, n, r, c.warmup, cool)], None
-        steps = select_reuse_steps(cal.scores(c.curvature), self.budget, min_gap=c.min_gap,
+        budget = self.budget
+        if self.target is not None:     # the nearest whole count of reuses, as static's uniform schedule
+            budget = round(budget * n) / n
+        steps = select_reuse_steps(cal.scores(c.curvature), budget, min_gap=c.min_gap,
                                    warmup=c.warmup, cooldown=max(1, c.cooldown), max_run=self.max_run)
         return steps, None
 
