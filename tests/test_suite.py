@@ -36,13 +36,15 @@ def test_frontier_compares_seed_policies_and_default_with_uniform_and_peers():
     rows = [_row("m", "uniform", 1.5, 40.0, 1.5), _row("m", "uniform", 2.5, 30.0, 2.5),
             _row("m", "trajectory", 1.5, 44.0, 1.5), _row("m", "trajectory", 2.5, 36.0, 2.5),
             _row("m", "probe", 1.5, 41.0, 1.5), _row("m", "probe", 2.5, 31.0, 2.5),
-            _row("m", "default", 2.0, 35.0, None),
+            _row("m", "default-target", 1.5, 39.0), _row("m", "default-target", 2.5, 31.0),   # 35.0 at 2x
+            _row("m", "default", 1.8, 36.0, None),
             _row("m", "diffusers-fbc t=0.1", 1.5, 37.0, None), _row("m", "diffusers-fbc t=0.3", 2.5, 29.0, None),
             _row("m", "cachedit-dbcache t=0.2", 2.0, 34.5, None)]
     text = suite.frontier(rows, speeds=(2.0,))
     line = next(l for l in text.splitlines() if l.startswith("| m | 2x |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    # uniform 35.0, best seed policy trajectory 40.0 (+5.0), default 35.0, best peer cache-dit 34.5 (+0.5)
+    # uniform 35.0, best seed policy trajectory 40.0 (+5.0), the default policy at its targets 35.0,
+    # best peer cache-dit 34.5 (+0.5)
     assert cells[2] == "35.0" and cells[3] == "trajectory 40.0" and cells[4] == "+5.0"
     assert cells[5] == "35.0" and cells[6] == "cachedit-dbcache 34.5" and cells[7] == "+0.5"
     assert "| m | diffusers-fbc | 33.0 |" in text
