@@ -42,6 +42,10 @@ class StaticPolicy(SchedulePolicy):
     interval is replaced by the uniform schedule that reaches the target under the cost model
     (:mod:`omnicompile.targets`): the reuses a generation of that many steps needs, spread
     evenly after warm-up; with the step count unknown, the nearest integer interval.
+
+    With ``extrapolate`` (the default) a reused span adds its last residual extrapolated along
+    the last two, by a coefficient the computed steps fit in the graph (see
+    :func:`omnicompile.passes.rewrite.build_variant` and the runtime's ``_window_inputs``).
     """
 
     options = ("interval", "warmup", "cooldown", "reuse_steps", "target_speedup", "target_cost", "extrapolate")
