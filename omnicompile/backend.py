@@ -367,6 +367,10 @@ def _node_seconds(gm, example_inputs, cfg, policy) -> Optional[dict]:
     fails outside strict mode (the FLOP share is used then, and a warning logged)."""
     if cfg.target_cost != "measured" or getattr(policy, "target", None) is None:
         return None
+    where = timing.writes_in_place(gm)
+    if where is not None:          # running it once more would write into the caller's tensors
+        log.info("omnicache: target_cost='measured': the graph writes in place (%s); using the FLOP share", where)
+        return None
     try:
         secs = timing.node_seconds(gm, example_inputs)
         group = cp_group(gm.graph)

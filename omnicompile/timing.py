@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.fx as fx
 
-__all__ = ["sync", "measure", "node_seconds", "time_share"]
+__all__ = ["sync", "measure", "node_seconds", "time_share", "writes_in_place"]
 
 
 def sync(device) -> None:
@@ -66,6 +66,43 @@ def _device(example_inputs) -> Optional[torch.device]:
     for t in example_inputs:
         if isinstance(t, torch.Tensor):
             return t.device
+    return None
+
+
+#: ops whose output may alias their first input (a write into it reaches the input)
+_ALIASING = {"view", "reshape", "transpose", "permute", "getitem", "select", "slice", "unsqueeze", "squeeze",
+             "expand", "narrow", "flatten", "unflatten", "t", "as_strided", "contiguous", "view_as", "chunk",
+             "split", "unbind", "movedim", "detach", "to", "type_as", "expand_as"}
+
+
+def _name(target) -> str:
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.split(".")[-1]
+
+
+def writes_in_place(gm: fx.GraphModule) -> Optional[str]:
+    """The first node of ``gm`` that writes in place (``add_``, ``copy_``, ``setitem``) into one
+    of the graph's inputs or a view of one, or None.  Such a graph is never run an extra time
+    to be timed: the write would land on the caller's tensors (writes into the graph's own
+    intermediates are harmless)."""
+    import operator
+
+    def reaches_input(x) -> bool:
+        while isinstance(x, fx.Node):
+            if x.op == "placeholder":
+                return True
+            if x.op not in ("call_function", "call_method") or _name(x.target) not in _ALIASING or not x.args:
+                return False
+            x = x.args[0]
+        return False
+
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method") or not n.args:
+            continue
+        name = _name(n.target)
+        if n.target is operator.setitem or (name.endswith("_") and not name.endswith("__")):
+            if reaches_input(n.args[0]):
+                return n.name
     return None
 
 

@@ -190,3 +190,43 @@ def test_an_unreachable_target_is_reported_with_its_prediction():
     g = cache.report().graphs[0]
     why = [r for r in g.refused if r.code == "target_unreachable"]
     assert why and "predicted" in why[0].message and g.cached
+
+
+def test_a_graph_that_writes_in_place_is_never_run_to_be_timed():
+    """target_cost="measured" runs Dynamo's graph once more; a graph with an in-place write into
+    its inputs would write twice, so it is not timed (the FLOP share is used)."""
+    import torch.fx as fx
+
+    from omnicompile import timing
+
+    class Writes(torch.nn.Module):
+        def forward(self, x):
+            x.add_(1)
+            return x * 2
+
+    class Pure(torch.nn.Module):
+        def forward(self, x):
+            return (x + 1) * 2
+
+    assert timing.writes_in_place(fx.symbolic_trace(Writes())) == "add_"
+    assert timing.writes_in_place(fx.symbolic_trace(Pure())) is None
+
+
+def test_writes_into_intermediates_do_not_count():
+    import torch.fx as fx
+
+    from omnicompile import timing
+
+    class Inner(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y.add_(1)
+            return y
+
+    class View(torch.nn.Module):
+        def forward(self, x):
+            x.view(-1).mul_(2)
+            return x
+
+    assert timing.writes_in_place(fx.symbolic_trace(Inner())) is None
+    assert timing.writes_in_place(fx.symbolic_trace(View())) == "mul_"
