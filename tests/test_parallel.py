@@ -38,7 +38,7 @@ def _check(r, atol=2e-6):
     ("static", dict(interval=2, warmup=2)),
     ("probe", dict(threshold=0.3, ret_ratio=0.1)),
     ("trajectory", dict(budget=0.3)),
-    ("layered", dict(target_speedup=1.6)),
+    ("layered", dict(target_speedup=1.6, target_cost="flops")),   # measured costs differ run to run
 ])
 def test_flux_policy_under_ulysses_equals_single_process(tmp_path, policy, options):
     r = run("flux", policy, options, 10, 2, str(tmp_path), _port())
