@@ -107,10 +107,9 @@ def _random_like(node, device, given: dict):
     return torch.zeros(shape, dtype=v.dtype, device=device)
 
 
-def _extract(nodes: list, params: dict) -> tuple[fx.GraphModule, list]:
+def _extract(nodes: list) -> tuple[fx.GraphModule, list]:
     """A graph of ``nodes`` alone: their other inputs become placeholders (in first-use order)
-    and every node without a user in the set is an output.  Parameters (``params``: node name ->
-    tensor) stay inputs too."""
+    and every node without a user in the set is an output."""
     graph = fx.Graph()
     env: dict = {}
     inputs: list = []
@@ -141,7 +140,7 @@ def time_nodes(nodes: list, device, given: Optional[dict] = None, repeats: int =
                                       for n in nodes))
     if key in TIMINGS:
         return TIMINGS[key]
-    gm, inputs = _extract(nodes, {})
+    gm, inputs = _extract(nodes)
     args = [_random_like(a, device, given) for a in inputs]
     seconds = measure(lambda: gm(*args), device, repeats)
     TIMINGS[key] = seconds
@@ -200,8 +199,7 @@ def predict(gm: fx.GraphModule, merged: fx.GraphModule, consts: list, wraps: lis
         heavy = [n for n in region if node_flops(n) > 0]
         heavy_kept = [by_m[f"{n.name}_m"] for n in heavy if f"{n.name}_m" in by_m]
         main_node = by[w.sites[w.main][0]].all_input_nodes[w.sites[w.main][1]]
-        n_ops = sum(1 for n in region if n.op == "call_function" or n.op == "call_method"
-                    if node_bytes(n) > 0 or node_flops(n) > 0)
+        n_ops = sum(1 for n in region if node_bytes(n) > 0 or node_flops(n) > 0)
         if timer is not None:
             t_region = timer("region", region, device, {})
             t_full, t_kept = timer("flops", heavy, device, {}), timer("flops", heavy_kept, device, {})
@@ -237,7 +235,10 @@ def gate(gm: fx.GraphModule, plan, timer: Optional[Callable] = None, strict: boo
     if not plan.wraps:
         return [], []
     try:
-        merged, _, consts = apply_merge(gm, MergePlan(plan.wraps, [], None, opts), merged=True)
+        if plan.merged is not None:          # built by the planner's FLOP measurement
+            merged, consts = plan.merged
+        else:
+            merged, _, consts = apply_merge(gm, MergePlan(plan.wraps, [], None, opts), merged=True)
         preds = predict(gm, merged, consts, plan.wraps, timer)
     except Exception as e:
         if strict:

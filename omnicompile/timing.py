@@ -1,11 +1,12 @@
 """Measured costs on the machine at hand, for the choices a cost model alone gets wrong.
 
-* :func:`measure` — median seconds of a callable after a warm-up (the device synchronised).
+* :func:`measure` — the fastest run of a callable after a warm-up (the device synchronised).
 * :func:`node_seconds` — the seconds of every node of a graph, run eagerly once on its real
   example inputs by an :class:`torch.fx.Interpreter` that times each node.
-* :func:`time_share` — the measured share of a call spent in a set of nodes: what a reuse of
-  the spans saves (``target_cost="measured"``, :mod:`omnicompile.targets`).  The FLOP share
-  overstates it wherever the ops outside the spans (embeddings, norms, the patchify, the final
+* :func:`writes_in_place` — whether running a graph once more would write into its inputs.
+
+What a reuse of the spans saves (``target_cost="measured"``) is their share of those seconds
+(:func:`omnicompile.targets.saved_fraction`).  The FLOP share overstates it wherever the ops outside the spans (embeddings, norms, the patchify, the final
   layer) cost time but few FLOPs — on small models and on a CPU by 5–10 %
   (``bench/RESULTS.md``), which is what put the measured speedups 6–19 % under their target.
 
@@ -16,12 +17,12 @@ the FLOP share.  One eager forward at compile time; nothing is kept of it but th
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 
-__all__ = ["sync", "measure", "node_seconds", "time_share", "writes_in_place"]
+__all__ = ["sync", "measure", "node_seconds", "writes_in_place"]
 
 
 def sync(device) -> None:
@@ -131,13 +132,3 @@ def node_seconds(gm: fx.GraphModule, example_inputs: list, rounds: int = 2) -> d
             for k, v in it.seconds.items():
                 best[k] = min(v, best.get(k, v))
     return best
-
-
-def time_share(gm: fx.GraphModule, example_inputs: list, names: Iterable[str], rounds: int = 2) -> float:
-    """The share of an eager call of ``gm`` spent in the nodes named ``names`` (0..1)."""
-    secs = node_seconds(gm, example_inputs, rounds)
-    total = sum(secs.values())
-    if total <= 0:
-        return 0.0
-    names = set(names)
-    return min(1.0, sum(v for k, v in secs.items() if k in names) / total)

@@ -142,7 +142,7 @@ def test_extracted_graph_runs_the_nodes_alone():
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is not torch.relu and n not in inner:
             n.meta["example_value"] = torch.empty(8, 8)
-    sub, inputs = merge_cost._extract(inner, {})
+    sub, inputs = merge_cost._extract(inner)
     assert [a.name for a in inputs] == ["matmul"]
     x = torch.randn(8, 8)
     assert torch.equal(sub(x)[0], torch.relu(x) + 1)

@@ -164,18 +164,18 @@ class SpanRuntime(Runtime):
             if last is None:
                 last = self.zeros(call, sp.live_streams)
             prev = w["prev"] if w is not None else None
-            if prev is not None and isinstance(w["prev_ok"], torch.Tensor):
-                w["prev_ok"] = bool(w["prev_ok"])
-            if prev is None or not w["prev_ok"]:
-                prev = last
+            if prev is not None and dec[i] and isinstance(w["prev_ok"], torch.Tensor):
+                w["prev_ok"] = bool(w["prev_ok"])      # read where a reuse reads its own flag anyway
+            if prev is not None and w["prev_ok"] is False:
+                prev = None
             ratio = 0.0
-            if w is not None and w["steps"][0] is not None and w["steps"][1] > w["steps"][0]:
+            if prev is not None and w["steps"][0] is not None and w["steps"][1] > w["steps"][0]:
                 s0, s1 = w["steps"]
                 ratio = (call.step - s1) / (s1 - s0)
             scalar = self._scalar(ratio)
             if dec[i]:
-                scalar = w["alpha"] * scalar if (w is not None and prev is not last) else self._scalar(0.0)
-            extra += list(last) + list(prev) + [scalar]
+                scalar = w["alpha"] * scalar if prev is not None else self._scalar(0.0)
+            extra += list(last) + list(last if prev is None else prev) + [scalar]
         return extra
 
     def _scalar(self, value: float) -> torch.Tensor:

@@ -113,6 +113,9 @@ class MergePlan:
     refused: list[Reason]
     geometry: Optional[Geometry]
     options: MergeOptions
+    #: ``(graph, phase-0 split indices)``: the graph with every wrap merged, as the FLOP
+    #: measurement built it (the cost gate times its added ops); None when not built
+    merged: Optional[tuple] = None
 
     @property
     def refresh(self) -> Optional[int]:
@@ -216,9 +219,8 @@ def plan_merge(gm: fx.GraphModule, blocks, options: MergeOptions) -> MergePlan:
                     taken[b.name] = axis
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     wraps.sort(key=lambda w: order[w.region[0]])
-    if wraps:
-        _measure(gm, wraps, options)
-    return MergePlan(wraps, refused, geo, options)
+    merged = _measure(gm, wraps, options) if wraps else None
+    return MergePlan(wraps, refused, geo, options, merged)
 
 
 @dataclasses.dataclass
@@ -353,13 +355,13 @@ def _make_wrap(gm, b, axis, tr, main, d, lay, region, reduced, n_rows, kept, sp,
     return w, None
 
 
-def _measure(gm: fx.GraphModule, wraps: list[Wrap], options: MergeOptions) -> None:
+def _measure(gm: fx.GraphModule, wraps: list[Wrap], options: MergeOptions) -> tuple:
     """FLOPs of each region, computed and merged (the cost model on both graphs)."""
     by = {n.name: n for n in gm.graph.nodes}
     for w in wraps:
         w.flops_full = sum(node_flops(by[r]) for r in w.region)
         w.bytes_full = sum(node_bytes(by[r]) for r in w.region)
-    merged, _, _ = apply_merge(gm, MergePlan(wraps, [], None, options), merged=True)
+    merged, _, consts = apply_merge(gm, MergePlan(wraps, [], None, options), merged=True)
     per: dict[str, list] = {}
     for n in merged.graph.nodes:
         blk = n.meta.get("omni.merged")
@@ -372,3 +374,4 @@ def _measure(gm: fx.GraphModule, wraps: list[Wrap], options: MergeOptions) -> No
                 acc[2] += node_bytes(n)
     for w in wraps:
         w.flops_merged, w.flops_kept, w.bytes_kept = per.get(w.block, (0, 0, 0))
+    return merged, consts
