@@ -255,14 +255,17 @@ class OmniCache:
         if why is not None:
             return why
         guard = cfg.guard if cfg.guard != "auto" else policy.guards[0]
+        secs = _node_seconds(gm, example_inputs, cfg, policy) if steps else None
         ctx = RuntimeContext(gm, example_inputs, blocks, analysis, cfg, report,
                              merge.compiler(inner) if merge is not None else inner,
-                             guard if steps else "tokens", merge, self._placement,
-                             _node_seconds(gm, example_inputs, cfg, policy) if steps else None)
-        if steps:
-            rt = policy.make_runtime(ctx)
-        else:
-            rt = MergeRuntime(ctx)
+                             guard if steps else "tokens", merge, self._placement, secs,
+                             timing.CallTimer(gm, example_inputs, cp_group(gm.graph)) if secs else None)
+        try:
+            rt = policy.make_runtime(ctx) if steps else MergeRuntime(ctx)
+        finally:        # the timer holds the real inputs (the model's parameters): never kept
+            if ctx.timer is not None:
+                ctx.timer.close()
+                ctx.timer = None
         report.guard = ctx.guard
         return rt
 

@@ -134,8 +134,9 @@ class OmniCacheConfig:
     #: reused, lowest quality cost per saved FLOP first, until 1 - 1/s_r of a generation is saved
     target_speedup: float = 2.0
     #: every policy with a target speedup: what a reuse saves, "measured" (the share of an eager
-    #: call's time in the spans, timed once at compile time on this machine) or "flops" (their share
-    #: of the FLOPs: deterministic, overstates the saving on small models; omnicompile.targets)
+    #: call's time in the spans, and the rewritten graph timed computed and reused, at compile time
+    #: on this machine) or "flops" (their share of the FLOPs: deterministic, overstates the saving
+    #: on small models; omnicompile.targets)
     target_cost: str = "measured"
     #: layered: caching interval N of Algorithm 1 — no unit reuses more than N - 1 steps in a
     #: row (the paper: N = 5 on SD3); 1 = never reuse

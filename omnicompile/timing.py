@@ -4,6 +4,9 @@
 * :func:`node_seconds` — the seconds of every node of a graph, run eagerly once on its real
   example inputs by an :class:`torch.fx.Interpreter` that times each node.
 * :func:`writes_in_place` — whether running a graph once more would write into its inputs.
+* :class:`CallTimer` — a rewritten graph's eager time as a multiple of the graph it was
+  rewritten from, on the same real inputs (what a computed and a reused call cost, the cache's
+  own work included: :class:`omnicompile.targets.CallCosts`).
 
 What a reuse of the spans saves (``target_cost="measured"``) is their share of those seconds
 (:func:`omnicompile.targets.saved_fraction`).  The FLOP share overstates it wherever the ops outside the spans (embeddings, norms, the patchify, the final
@@ -22,7 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-__all__ = ["sync", "measure", "node_seconds", "writes_in_place"]
+__all__ = ["sync", "measure", "node_seconds", "writes_in_place", "CallTimer"]
 
 
 def sync(device) -> None:
@@ -132,3 +135,49 @@ def node_seconds(gm: fx.GraphModule, example_inputs: list, rounds: int = 2) -> d
             for k, v in it.seconds.items():
                 best[k] = min(v, best.get(k, v))
     return best
+
+
+class CallTimer:
+    """Times rewritten graphs against Dynamo's graph ``gm`` on its real example inputs, eagerly.
+    :meth:`ratios` of graphs taking the original inputs plus their extra inputs: each one's time
+    over ``gm``'s — all of them run in turn, ``repeats`` rounds after a warm-up round, each the
+    fastest of its runs (a drift of the machine's speed hits them alike).  Under context
+    parallelism (``group``) the times are summed over the group first, so every rank gets the
+    same ratios (every rank must time the same graphs in the same order).  The timer holds the
+    caller's tensors and the model's parameters: :meth:`close` drops them (the backend closes it
+    as soon as the runtime is built)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, group=None, repeats: int = 5):
+        self.gm, self.group, self.repeats = gm, group, repeats
+        self.inputs: Optional[list] = [_concrete(a) for a in example_inputs]
+        self.device = _device(self.inputs)
+
+    def zeros(self, specs) -> list[torch.Tensor]:
+        """Real zero tensors for state specs (``.shape``/``.dtype``; symbolic sizes at their
+        traced values), on the graph's device."""
+        return [torch.zeros(tuple(_concrete(d) for d in s.shape), dtype=s.dtype, device=self.device)
+                for s in specs]
+
+    def ratios(self, configs: list) -> list[float]:
+        """For each ``(graph, extra)`` in ``configs``: ``graph(*inputs, *extra)``'s time over
+        ``gm(*inputs)``'s."""
+        if self.inputs is None:
+            raise RuntimeError("CallTimer: closed (the example inputs were released)")
+        inputs = self.inputs
+        fns = [lambda: self.gm(*inputs)] + [lambda g=g, x=x: g(*inputs, *x) for g, x in configs]
+        best = [float("inf")] * len(fns)
+        with torch.no_grad():
+            for r in range(self.repeats + 1):
+                for i, fn in enumerate(fns):
+                    sync(self.device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(self.device)
+                    if r:
+                        best[i] = min(best[i], time.perf_counter() - t0)
+        from omnicompile.passes.collectives import host_sum
+        best = host_sum(best, self.group)
+        return [b / max(best[0], 1e-12) for b in best[1:]]
+
+    def close(self) -> None:
+        self.inputs = None

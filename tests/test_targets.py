@@ -54,7 +54,30 @@ def test_reuse_count_meets_the_target_under_the_cost_model():
             if ok:   # whole steps: within half a step of the target's share
                 assert abs(targets.predicted_speedup(r, 28, c) - target) / target < 0.06, (c, target, r)
     r, ok = targets.reuse_count(4.0, 0.9, 28, 2, 0)
-    assert not ok and r == 26 * 3 // 4
+    assert not ok and r == 26 * targets.MAX_REUSE_RUN // (targets.MAX_REUSE_RUN + 1)
+
+
+def test_call_costs_count_the_cache_s_own_work():
+    """With measured call costs (a computed call dearer than an uncached one, a reused call not
+    free) the count solves (N - R) compute + R reuse = N / target; the share model is the special
+    case (1, 1 - c); 3x on 28 steps is reachable where a reuse skips 95 % of a call."""
+    share = targets.CallCosts.of(0.8)
+    assert (share.compute, share.reuse) == (1.0, pytest.approx(0.2)) and share.saved == pytest.approx(0.8)
+    for target in (1.5, 2.0, 2.5):
+        assert targets.reuse_share(target, share) == pytest.approx((1 - 1 / target) / 0.8)
+    k = targets.CallCosts(1.1, 0.3, measured=True)
+    for target in (1.25, 1.5, 1.75):
+        r, ok = targets.reuse_count(target, k, 28, 2, 0)
+        assert ok
+        want = 28 * (1.1 - 1 / target) / 0.8
+        assert abs(r - want) <= 0.5
+        cost = ((28 - r) * 1.1 + r * 0.3) / 28
+        assert targets.predicted_speedup(r, 28, k) == pytest.approx(1 / cost)
+    assert targets.reuse_count(2.0, k, 28, 2, 0) == (20, False)      # 21 asked, 20 fit
+    assert targets.reuse_count(3.0, 0.95, 28, 2, 0) == (20, True)
+    d = targets.describe_target(2.0, k)
+    assert d["call_cost"] == {"computed": 1.1, "reused": 0.3} and d["saved_per_reuse"] == pytest.approx(0.8)
+    assert "call_cost" not in targets.describe_target(2.0, 0.8)
 
 
 def test_saved_fraction_measured_is_the_time_share_of_the_skipped_nodes():
@@ -71,11 +94,11 @@ def test_saved_fraction_measured_is_the_time_share_of_the_skipped_nodes():
 
 
 def test_target_cost_measured_times_the_graph_and_is_validated():
-    """The default measures the spans' time share at compile time (one eager forward); on a
-    tiny model the glue outside the spans costs time but few FLOPs: the share is below the FLOP
-    share.  A wrong value is refused by name."""
+    """The default times the rewritten graph at compile time, every span computed and every span
+    reused, against Dynamo's graph; on a tiny model the glue outside the spans costs time but few
+    FLOPs: a reused call costs more than the FLOP share says.  A wrong value is refused by name."""
     tp = build_pipeline("sd3", num_layers=3)
-    shares = {}
+    got = {}
     for cost in ("measured", "flops"):
         oc = omnicompile.OmniCache(policy="static", target_speedup=2.0, inner_backend="eager", strict=True,
                                    target_cost=cost)
@@ -83,11 +106,53 @@ def test_target_cost_measured_times_the_graph_and_is_validated():
         tp.pipe.transformer = _compile(tp, rec)
         with omnicompile.generation(num_steps=8):
             tp(num_inference_steps=8)
-        shares[cost] = rec.graphs[0].report.policy["saved_per_reuse"]
+        got[cost] = rec.graphs[0].report.policy
         _restore(tp)
-    assert 0 < shares["measured"] < shares["flops"] <= 1, shares
+    assert "call_cost" not in got["flops"] and 0 < got["flops"]["saved_per_reuse"] <= 1
+    k = got["measured"]["call_cost"]
+    assert 0 < k["reused"] < k["computed"], k
+    assert k["reused"] / k["computed"] > 1 - got["flops"]["saved_per_reuse"], (k, got["flops"])
+    assert got["measured"]["saved_per_reuse"] == pytest.approx(k["computed"] - k["reused"], abs=1e-3)
     with pytest.raises(ConfigError, match="target_cost"):
         omnicompile.OmniCache(target_cost="time")
+
+
+@pytest.mark.parametrize("policy", ["static", "probe"])
+def test_measured_call_costs_release_the_inputs_and_fail_loudly_in_strict_mode(policy, monkeypatch):
+    """The timer holds the model's parameters and the caller's tensors only while the runtime is
+    built; a timing that fails is an error in strict mode and the share model otherwise."""
+    from omnicompile import timing
+
+    timers = []
+    real_init = timing.CallTimer.__init__
+
+    def spy(self, *a, **kw):
+        real_init(self, *a, **kw)
+        timers.append(self)
+    monkeypatch.setattr(timing.CallTimer, "__init__", spy)
+    tp = build_pipeline("sd3", num_layers=3)
+
+    def run(strict):
+        oc = omnicompile.OmniCache(policy=policy, target_speedup=1.5, inner_backend="eager", strict=strict)
+        tp.pipe.transformer = _compile(tp, oc)
+        try:
+            with omnicompile.generation(num_steps=6):
+                tp(num_inference_steps=6)
+            return oc.report().graphs[0]
+        finally:
+            _restore(tp)
+
+    g = run(True)
+    assert timers and all(t.inputs is None for t in timers)
+    assert g.policy["call_cost"]["computed"] > g.policy["call_cost"]["reused"] > 0
+
+    def broken(self, configs):
+        raise RuntimeError("timing broke")
+    monkeypatch.setattr(timing.CallTimer, "ratios", broken)
+    with pytest.raises(Exception, match="timing broke"):
+        run(True)
+    g = run(False)
+    assert g.cached and "call_cost" not in g.policy and g.policy["target_speedup"] == 1.5
 
 
 # ----------------------------------------------------------------------------- through pipelines

@@ -394,9 +394,9 @@ def test_uniform_curvature_spreads_the_budget_evenly_and_keeps_the_correction():
     from omnicompile.registry import make_policy
     n = 28
     cal = Calibration("f", n, [1, 2], 1, [0.1] * n, [0.1] * n, [1.0] * n, [None] + [1.0] * (n - 1))
-    for target, want in ((2.0, 14), (2.5, 17), (3.0, 18)):     # 3x: capped, 3 reuses per computed step
+    for target, want in ((2.0, 14), (2.5, 17), (3.0, 19)):     # 3x: 18.7 asked, up to 20 fit
         pol = make_policy(OmniCache(policy="trajectory", curvature="uniform", target_speedup=target).config)
-        pol.saved = 1.0
+        pol.costs = targets.CallCosts.of(1.0)
         steps, why = pol.schedule(cal)
         assert why is None and len(steps) == want
         assert steps == [s for s in range(n) if targets.uniform_reuse(s, n, want, 2, 1)]

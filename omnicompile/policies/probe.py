@@ -56,7 +56,8 @@ class ProbePolicy(Policy):
 
     def __init__(self, config):
         super().__init__(config)
-        self.saved = 1.0            # fraction of a call a reuse skips (the runtime binds it)
+        #: what a computed and a reused call cost (the runtime binds it: ``targets.CallCosts``)
+        self.costs = targets.CallCosts(1.0, 0.0)
 
     @property
     def target(self) -> Optional[float]:
@@ -72,7 +73,7 @@ class ProbePolicy(Policy):
         decided = num_steps - self.leading(num_steps) - 1
         if decided <= 0:
             return -1.0, True
-        want = targets.reuse_share(self.target, self.saved) * num_steps / decided
+        want = targets.reuse_share(self.target, self.costs) * num_steps / decided
         cap = targets.MAX_REUSE_RUN / (targets.MAX_REUSE_RUN + 1)
         return min(want, cap), want <= cap
 
@@ -93,7 +94,7 @@ class ProbePolicy(Policy):
         if self.target is None or self.config.is_set("ret_ratio"):
             return k
         cap = targets.MAX_REUSE_RUN / (targets.MAX_REUSE_RUN + 1)
-        need = math.ceil(targets.reuse_share(self.target, self.saved) * num_steps / cap)
+        need = math.ceil(targets.reuse_share(self.target, self.costs) * num_steps / cap)
         return max(2, min(k, num_steps - 1 - need))
 
     def make_runtime(self, ctx):
@@ -103,7 +104,7 @@ class ProbePolicy(Policy):
         c = self.config
         return {"policy": "probe", "threshold": c.threshold, "probe_depth": c.probe_depth,
                 "ret_ratio": c.ret_ratio, "error": c.error, "align": c.align,
-                **targets.describe_target(self.target, self.saved)}
+                **targets.describe_target(self.target, self.costs)}
 
 
 class ProbeRuntime(Runtime):
@@ -124,9 +125,33 @@ class ProbeRuntime(Runtime):
         sig = ("(*inputs, force, budget, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev, r_last] per span, "
                "ok_last, ok_prev, th) -> (*outputs, *state', reuse, err, gamma, nonfinite, th')")
         self._fn = self.compile("probe", g, [self._flags[False], self._budget(-1.0)] + self.examples(self.specs), sig)
-        policy.saved = saved_fraction(self.spans, self.report.flops_per_call, ctx.node_seconds)
+        self._graph = g
+        policy.costs = self.call_costs(saved_fraction(self.spans, self.report.flops_per_call, ctx.node_seconds),
+                                       self._timed_configs)
+        del self._graph
         self.report.policy = policy.describe()
         self._th: dict = {}          # (model, slot) -> the paced threshold the last generation ended with
+
+    def _timed_configs(self, timer) -> tuple:
+        """For :meth:`call_costs`: the probe graph forced to compute (zero state), and deciding to
+        reuse (a full window of finite state, any error under the threshold)."""
+        def state(reuse: bool) -> list:
+            st = timer.zeros(self.specs)
+            if reuse:
+                for i, s in enumerate(self.specs):
+                    if s.name in ("x_prev", "p_prev"):
+                        st[i] = torch.ones_like(st[i])
+                    elif s.name in ("count",):
+                        st[i] = torch.full_like(st[i], 2.0)
+                    elif s.name in ("ok_last", "ok_prev"):
+                        st[i] = torch.ones_like(st[i])
+                    elif s.name == "th":
+                        st[i] = torch.full_like(st[i], float("inf"))
+            return st
+        flag = lambda b: torch.tensor(b, device=timer.device)                        # noqa: E731
+        budget = torch.tensor(-1.0, device=timer.device)
+        return ((self._graph, [flag(True), budget] + state(False)),
+                (self._graph, [flag(False), budget] + state(True)))
 
     def _budget(self, value: float) -> torch.Tensor:
         """The budget input (one device tensor per value: no host-to-device copy per call)."""
@@ -177,10 +202,14 @@ class ProbeRuntime(Runtime):
                 uncertain=place.why, nonfinite=nonfinite))
 
     def _unreachable(self, num_steps: int, budget: float) -> None:
+        decided = num_steps - self.policy.leading(num_steps) - 1
+        k = self.policy.costs
         why = Reason("target_unreachable",
                      f"target_speedup {self.policy.target:g} needs more reuses than the probe may decide in "
                      f"{num_steps} steps (the first {self.policy.leading(num_steps)} and the last computed, at most "
-                     f"{budget:.0%} of the decided steps reused)")
+                     f"{budget:.0%} of the decided steps reused): predicted at most "
+                     f"{targets.predicted_speedup(round(budget * decided), num_steps, k):.2f}x (a call costs "
+                     f"{k.compute:.2f} of an uncached one computed, {k.reuse:.2f} reused)")
         if why not in self.report.refused:
             self.report.refused.append(why)
             log.warning("omnicompile: %s", why.message)

@@ -54,7 +54,8 @@ class StaticPolicy(SchedulePolicy):
 
     def __init__(self, config):
         super().__init__(config)
-        self.saved = 1.0            # fraction of a call a reuse skips (the runtime binds it)
+        #: what a computed and a reused call cost (the runtime binds it: ``targets.CallCosts``)
+        self.costs = targets.CallCosts(1.0, 0.0)
         self.report = None
         self._counts: dict = {}     # num_steps -> reused steps of the target schedule
 
@@ -74,9 +75,10 @@ class StaticPolicy(SchedulePolicy):
             return float(c.target_speedup)
         return self.default_target
 
-    def bind_cost(self, saved: float, report) -> None:
-        """The runtime's cost model: a reuse skips ``saved`` of a call (``targets.saved_fraction``)."""
-        self.saved = saved
+    def bind_cost(self, costs: targets.CallCosts, report) -> None:
+        """The runtime's cost model: what a computed and a reused call cost
+        (:meth:`omnicompile.runtime.base.Runtime.call_costs`)."""
+        self.costs = costs
         self.report = report
         report.policy = self.describe()
 
@@ -84,14 +86,14 @@ class StaticPolicy(SchedulePolicy):
         got = self._counts.get(num_steps)
         if got is None:
             c = self.config
-            r, ok = targets.reuse_count(self.target, self.saved, num_steps, c.warmup, c.cooldown)
+            r, ok = targets.reuse_count(self.target, self.costs, num_steps, c.warmup, c.cooldown)
             got = self._counts[num_steps] = r
             if not ok and self.report is not None:
                 why = Reason("target_unreachable",
                              f"target_speedup {self.target:g} needs more reuses than {num_steps} steps allow "
                              f"(warm-up {c.warmup}, at most {targets.MAX_REUSE_RUN} reuses in a row): "
                              f"{r} reused, predicted "
-                             f"{targets.predicted_speedup(r, num_steps, self.saved):.2f}x")
+                             f"{targets.predicted_speedup(r, num_steps, self.costs):.2f}x")
                 if why not in self.report.refused:
                     self.report.refused.append(why)
                     log.warning("omnicompile: %s", why.message)
@@ -104,7 +106,7 @@ class StaticPolicy(SchedulePolicy):
         if self.target is not None:
             if num_steps is not None:
                 return targets.uniform_reuse(step, num_steps, self._reused_count(num_steps), c.warmup, c.cooldown)
-            interval = targets.interval_for(targets.reuse_share(self.target, self.saved))
+            interval = targets.interval_for(targets.reuse_share(self.target, self.costs))
         else:
             interval = c.interval
         if step < c.warmup or interval <= 1:
@@ -134,7 +136,7 @@ class StaticPolicy(SchedulePolicy):
         if c.reuse_steps is not None:
             return {"policy": self.name, "reuse_steps": list(c.reuse_steps), **ex}
         if self.target is not None:
-            return {"policy": self.name, **targets.describe_target(self.target, self.saved), "warmup": c.warmup,
+            return {"policy": self.name, **targets.describe_target(self.target, self.costs), "warmup": c.warmup,
                     "cooldown": c.cooldown, **ex}
         return {"policy": self.name, "interval": c.interval, "warmup": c.warmup, "cooldown": c.cooldown, **ex}
 

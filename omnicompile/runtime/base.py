@@ -109,6 +109,9 @@ class RuntimeContext:
     #: each node's eager seconds on this machine (``target_cost="measured"`` and a policy with a
     #: target speedup: :func:`omnicompile.timing.node_seconds`), or None
     node_seconds: Optional[dict] = None
+    #: times rewritten graphs against ``gm`` on the real example inputs (with ``node_seconds``:
+    #: :class:`omnicompile.timing.CallTimer`); the backend closes it once the runtime is built
+    timer: Any = None
 
 
 @dataclasses.dataclass
@@ -355,6 +358,33 @@ class Runtime(abc.ABC):
         t = call.timestep if call.timestep is not None else float("nan")
         self.report.add_step(StepRecord(call.generation, call.step, call.slot, t, decisions, flops_saved,
                                             list(forced), signals or {}, call.model, call.place.why))
+
+    def call_costs(self, saved: float, configs: Callable) -> "CallCosts":
+        """What a computed and a reused call cost (:class:`~omnicompile.targets.CallCosts`):
+        with the backend's timer (``target_cost="measured"``) the two graphs
+        ``configs(timer) -> ((graph, extra inputs), (graph, extra inputs))`` timed eagerly
+        against Dynamo's graph; else — or when timing fails outside strict mode, or measures no
+        saving — the share model ``(1, 1 - saved)``."""
+        from omnicompile.targets import CallCosts
+        share = CallCosts.of(saved)
+        timer = self.ctx.timer
+        if timer is None:
+            return share
+        try:
+            compute, reuse = timer.ratios(list(configs(timer)))
+            got = CallCosts(compute, reuse, measured=True)
+        except Exception:
+            if self.config.strict:
+                raise
+            log.warning("omnicache: timing the rewritten graph for target_cost='measured' failed; using the "
+                        "time share of the spans", exc_info=True)
+            return share
+        if not got.reuse < got.compute:
+            log.warning("omnicache: target_cost='measured': a reused call measured no faster than a computed one "
+                        "(%.3f vs %.3f of an uncached call); using the time share of the spans", got.reuse,
+                        got.compute)
+            return share
+        return got
 
     def held_bytes(self) -> int:
         """Bytes of every tensor the sessions hold (caches, the merge layer's state)."""

@@ -59,7 +59,8 @@ class SpanRuntime(Runtime):
         super().__init__(ctx, spans if spans is not None else policy.select_spans(ctx))
         bind = getattr(policy, "bind_cost", None)      # a policy with a target speedup sizes its schedule
         if bind is not None:
-            bind(saved_fraction(self.spans, self.report.flops_per_call, ctx.node_seconds), self.report)
+            bind(self.call_costs(saved_fraction(self.spans, self.report.flops_per_call, ctx.node_seconds),
+                                 self._timed_variants), self.report)
         self._pred = {False: torch.tensor(False), True: torch.tensor(True)}
         self._scalars: dict = {}                  # host float -> 0-d device tensor (extrapolate)
         if getattr(policy, "extrapolate", False) and self.guard != "variants":
@@ -152,6 +153,22 @@ class SpanRuntime(Runtime):
             fn = self.compile(key, build_variant(self.gm, spans, dec, finite=True, extrapolate=self.extrapolate),
                               examples, sig)
         return fn
+
+    def _timed_variants(self, timer) -> tuple:
+        """For :meth:`call_costs`: every span computed and every span reused, with zero state
+        (the extrapolated variants' coefficient 0.5: the fused op runs as it would)."""
+        out = []
+        for d in (False, True):
+            dec = (d,) * len(self.spans)
+            g = build_variant(self.gm, self.spans, dec, finite=True, extrapolate=self.extrapolate)
+            if self.extrapolate:
+                extra = []
+                for sp in self.spans:
+                    extra += timer.zeros(sp.live_streams) * 2 + [torch.tensor(0.5, device=timer.device)]
+            else:
+                extra = timer.zeros(self._residual_specs(self.spans, dec))
+            out.append((g, extra))
+        return tuple(out)
 
     def _window_inputs(self, call: Call, spans: Sequence, dec: tuple, slot_cache: list, win: list) -> list:
         """``extrapolate``: per span ``r_last..., r_prev..., scalar`` (see :meth:`_variant`).

@@ -29,8 +29,8 @@ class TrajectoryPolicy(Policy):
     default_budget: Optional[float] = None   # presets set these
     default_max_run: Optional[int] = None
 
-    #: fraction of a call a reuse skips (the runtime binds it: omnicompile.targets)
-    saved: float = 1.0
+    #: what a computed and a reused call cost (the runtime binds it: omnicompile.targets)
+    costs: targets.CallCosts = targets.CallCosts(1.0, 0.0)
 
     @classmethod
     def validate(cls, config) -> None:
@@ -44,9 +44,10 @@ class TrajectoryPolicy(Policy):
     def make_runtime(self, ctx):
         return TrajectoryRuntime(ctx, self)
 
-    def bind_cost(self, saved: float, report) -> None:
-        """The runtime's cost model: a reuse skips ``saved`` of a call (``targets.saved_fraction``)."""
-        self.saved = saved
+    def bind_cost(self, costs: targets.CallCosts, report) -> None:
+        """The runtime's cost model: what a computed and a reused call cost
+        (:meth:`omnicompile.runtime.base.Runtime.call_costs`)."""
+        self.costs = costs
         report.policy = self.describe()
 
     @property
@@ -58,7 +59,7 @@ class TrajectoryPolicy(Policy):
     def budget(self) -> float:
         c = self.config
         if self.target is not None:       # the share of all steps the target needs (capped)
-            return min(targets.reuse_share(self.target, self.saved),
+            return min(targets.reuse_share(self.target, self.costs),
                        targets.MAX_REUSE_RUN / (targets.MAX_REUSE_RUN + 1))
         if self.default_budget is not None and not c.is_set("budget"):
             return self.default_budget
@@ -98,7 +99,7 @@ class TrajectoryPolicy(Policy):
         d = {"policy": self.name, "budget": self.budget, "curvature": c.curvature, "min_gap": c.min_gap,
              "max_run": self.max_run, "correction": c.correction, "calibrate": c.calibrate}
         if self.target is not None:
-            d.update(targets.describe_target(self.target, self.saved))
+            d.update(targets.describe_target(self.target, self.costs))
         if c.correction_band is not None:
             d["correction_band"] = list(c.correction_band)
         if c.reuse_steps is not None:
