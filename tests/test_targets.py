@@ -117,7 +117,7 @@ def test_target_cost_measured_times_the_graph_and_is_validated():
         omnicompile.OmniCache(target_cost="time")
 
 
-@pytest.mark.parametrize("policy", ["static", "probe"])
+@pytest.mark.parametrize("policy", ["static", "probe", "trajectory"])
 def test_measured_call_costs_release_the_inputs_and_fail_loudly_in_strict_mode(policy, monkeypatch):
     """The timer holds the model's parameters and the caller's tensors only while the runtime is
     built; a timing that fails is an error in strict mode and the share model otherwise."""
@@ -255,6 +255,21 @@ def test_an_unreachable_target_is_reported_with_its_prediction():
     g = cache.report().graphs[0]
     why = [r for r in g.refused if r.code == "target_unreachable"]
     assert why and "predicted" in why[0].message and g.cached
+
+
+def test_the_probe_reports_the_speedup_its_own_calls_allow():
+    """A probe call runs the probe blocks and its measurements even when it reuses: a target past
+    what the decided steps can hold is refused with the prediction from the measured call costs."""
+    tp = build_pipeline("flux", num_layers=3, num_single_layers=2)
+    cache = omnicompile.compile_pipeline(tp.pipe, "probe", target_speedup=8.0, inner_backend="eager", strict=True,
+                                         dynamic=False)
+    tp(num_inference_steps=12, cfg=False)
+    g = cache.report().graphs[0]
+    k = g.policy["call_cost"]
+    assert 0 < k["reused"] < k["computed"]
+    (why,) = [r for r in g.refused if r.code == "target_unreachable"]
+    best = float(why.message.split("predicted at most ")[1].split("x")[0])
+    assert 1.0 < best < min(8.0, 1.0 / k["reused"]) and "a call costs" in why.message
 
 
 def test_a_graph_that_writes_in_place_is_never_run_to_be_timed():

@@ -372,7 +372,9 @@ class Runtime(abc.ABC):
             return share
         try:
             compute, reuse = timer.ratios(list(configs(timer)))
-            got = CallCosts(compute, reuse, measured=True)
+            # a computed call runs every node of Dynamo's graph and the cache's work besides:
+            # measured cheaper than the uncached call is the machine's noise (it counts as 1)
+            got = CallCosts(max(1.0, compute), reuse, measured=True)
         except Exception:
             if self.config.strict:
                 raise

@@ -1,6 +1,8 @@
 """The trajectory policy and its presets: the schedule a calibration gives."""
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 from omnicompile import targets
@@ -90,9 +92,16 @@ class TrajectoryPolicy(Policy):
         budget = self.budget
         if self.target is not None:     # the nearest whole count of reuses, as static's uniform schedule
             budget = round(budget * n) / n
-        steps = select_reuse_steps(cal.scores(c.curvature), budget, min_gap=c.min_gap,
-                                   warmup=c.warmup, cooldown=max(1, c.cooldown), max_run=self.max_run)
-        return steps, None
+        run = self.max_run
+        while True:
+            steps = select_reuse_steps(cal.scores(c.curvature), budget, min_gap=c.min_gap,
+                                       warmup=c.warmup, cooldown=max(1, c.cooldown), max_run=run)
+            # a target sized the runs by its share alone: where warm-up, cool-down and the phases
+            # leave too little room for its count, longer runs (up to MAX_REUSE_RUN) hold it
+            if (self.target is None or c.is_set("max_run") or run is None or run >= targets.MAX_REUSE_RUN
+                    or len(steps) >= math.floor(budget * n + 1e-9)):
+                return steps, None
+            run += 1
 
     def describe(self):
         c = self.config

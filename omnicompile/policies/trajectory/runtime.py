@@ -26,8 +26,8 @@ from omnicompile.policies.trajectory.calibration import Calibration, TrajectoryC
 from omnicompile.errors import CalibrationError
 from omnicompile.preview import Preview
 from omnicompile.runtime.base import Runtime
-
 from omnicompile.targets import saved_fraction
+
 log = logging.getLogger("omnicompile")
 
 __all__ = ["TrajectoryRuntime"]
@@ -37,7 +37,6 @@ class TrajectoryRuntime(Runtime):
     def __init__(self, ctx, policy):
         self.policy = policy
         super().__init__(ctx, ctx.analysis.spans)
-        policy.bind_cost(saved_fraction(self.spans, self.report.flops_per_call, ctx.node_seconds), self.report)
         gm, config, report = self.gm, self.config, self.report
         self.counts = [len(s.live_streams) for s in self.spans]
         self.fingerprint = graph_fingerprint(gm)
@@ -56,20 +55,33 @@ class TrajectoryRuntime(Runtime):
             report.refused.append(Reason("not_calibrated", "calibrate=None and no calibration given: every step "
                                          "is computed until oc.calibrate(fn) runs"))
         res = self._residual_specs()
+        outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+        q_specs = [outs[i].meta["example_value"] for i in self.out_float]
+        measure = build_measure_variant(gm, self.spans, finite=True)
+        reuse = build_variant(gm, self.spans, (True,) * len(self.spans))
+        corrected = build_corrected_reuse(gm, self.spans) if config.correction else None
+
+        def timed(timer):
+            """For :meth:`call_costs`: a computed step before a run of reuses measures the noise
+            (``measure``); a reused one is corrected where the correction is on."""
+            r = timer.zeros(res)
+            if corrected is None:
+                return (measure, r), (reuse, r)
+            return (measure, r), (corrected, r + [torch.ones((), device=timer.device)] + timer.zeros(q_specs))
+        policy.bind_cost(self.call_costs(saved_fraction(self.spans, self.report.flops_per_call, ctx.node_seconds),
+                                         timed), self.report)
         self._fn_compute = self.compile("variant_C", build_variant(gm, self.spans, (False,) * len(self.spans),
                                                                    finite=True), [],
                                         "(*inputs) -> (*outputs, *residuals of every span, *finite flag per span)")
-        self._fn_measure = self.compile("measure", build_measure_variant(gm, self.spans, finite=True),
-                                        self.examples(res),
+        self._fn_measure = self.compile("measure", measure, self.examples(res),
                                         "(*inputs, *residuals) -> (*outputs, *residuals', *q per float output, "
                                         "finite flag of residuals' and q)")
-        self._fn_reuse = self.compile("variant_R", build_variant(gm, self.spans, (True,) * len(self.spans)),
-                                      self.examples(res), "(*inputs, *residuals of every span) -> (*outputs)")
+        self._fn_reuse = self.compile("variant_R", reuse, self.examples(res),
+                                      "(*inputs, *residuals of every span) -> (*outputs)")
         self._fn_corrected = None
         if config.correction:
-            outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
-            q_ex = self.examples([outs[i].meta["example_value"] for i in self.out_float])
-            self._fn_corrected = self.compile("reuse_corrected", build_corrected_reuse(gm, self.spans),
+            q_ex = self.examples(q_specs)
+            self._fn_corrected = self.compile("reuse_corrected", corrected,
                                               self.examples(res) + [self.gamma] + q_ex,
                                               "(*inputs, *residuals, gamma, *q per float output) -> (*outputs)")
         self._bands: dict[tuple, object] = {}     # concrete output shape -> BandFilter (or None: no grid)
