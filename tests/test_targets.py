@@ -270,7 +270,11 @@ def test_the_probe_reports_the_speedup_its_own_calls_allow():
     assert 0 < k["reused"] < k["computed"]
     (why,) = [r for r in g.refused if r.code == "target_unreachable"]
     best = float(why.message.split("predicted at most ")[1].split("x")[0])
-    assert 1.0 < best < min(8.0, 1.0 / k["reused"]) and "a call costs" in why.message
+    # the ceiling follows from the measured costs: some whole count of reuses of the 12 steps
+    # (on this tiny model, timed under load, a probe call may cost about as much as it saves)
+    assert best < min(8.0, 1.0 / k["reused"]) and "a call costs" in why.message
+    assert any(abs(targets.predicted_speedup(r, 12, targets.CallCosts(k["computed"], k["reused"])) - best) < 0.01
+               for r in range(12)), (best, k)
 
 
 def test_a_graph_that_writes_in_place_is_never_run_to_be_timed():

@@ -125,33 +125,27 @@ class ProbeRuntime(Runtime):
         sig = ("(*inputs, force, budget, x_prev, p_prev, q_prev, q_last, acc, count, *[r_prev, r_last] per span, "
                "ok_last, ok_prev, th) -> (*outputs, *state', reuse, err, gamma, nonfinite, th')")
         self._fn = self.compile("probe", g, [self._flags[False], self._budget(-1.0)] + self.examples(self.specs), sig)
-        self._graph = g
         policy.costs = self.call_costs(saved_fraction(self.spans, self.report.flops_per_call, ctx.node_seconds),
-                                       self._timed_configs)
-        del self._graph
+                                       lambda timer: self._timed_configs(timer, g))
         self.report.policy = policy.describe()
         self._th: dict = {}          # (model, slot) -> the paced threshold the last generation ended with
 
-    def _timed_configs(self, timer) -> tuple:
+    def _timed_configs(self, timer, g) -> tuple:
         """For :meth:`call_costs`: the probe graph forced to compute (zero state), and deciding to
         reuse (a full window of finite state, any error under the threshold)."""
         def state(reuse: bool) -> list:
             st = timer.zeros(self.specs)
             if reuse:
-                for i, s in enumerate(self.specs):
-                    if s.name in ("x_prev", "p_prev"):
-                        st[i] = torch.ones_like(st[i])
-                    elif s.name in ("count",):
-                        st[i] = torch.full_like(st[i], 2.0)
-                    elif s.name in ("ok_last", "ok_prev"):
-                        st[i] = torch.ones_like(st[i])
-                    elif s.name == "th":
-                        st[i] = torch.full_like(st[i], float("inf"))
+                fill = {"x_prev": 1.0, "p_prev": 1.0, "count": 2.0, "ok_last": True, "ok_prev": True,
+                        "th": float("inf")}
+                for i, spec in enumerate(self.specs):
+                    if spec.name in fill:
+                        st[i] = torch.full_like(st[i], fill[spec.name])
             return st
         flag = lambda b: torch.tensor(b, device=timer.device)                        # noqa: E731
         budget = torch.tensor(-1.0, device=timer.device)
-        return ((self._graph, [flag(True), budget] + state(False)),
-                (self._graph, [flag(False), budget] + state(True)))
+        return ((g, [flag(True), budget] + state(False)),
+                (g, [flag(False), budget] + state(True)))
 
     def _budget(self, value: float) -> torch.Tensor:
         """The budget input (one device tensor per value: no host-to-device copy per call)."""
