@@ -25,6 +25,8 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from omnicompile.passes.collectives import host_sum
+
 __all__ = ["sync", "measure", "node_seconds", "writes_in_place", "CallTimer"]
 
 
@@ -175,7 +177,6 @@ class CallTimer:
                     sync(self.device)
                     if r:
                         best[i] = min(best[i], time.perf_counter() - t0)
-        from omnicompile.passes.collectives import host_sum
         best = host_sum(best, self.group)
         return [b / max(best[0], 1e-12) for b in best[1:]]
 

@@ -40,6 +40,7 @@ from omnicompile.passes.common import is_param_placeholder
 from omnicompile.preview import Preview
 from omnicompile.report import GenerationRecord, GraphReport, SpanReport, StepRecord
 from omnicompile.runtime.placement import Place, Session, Sessions
+from omnicompile.targets import CallCosts
 
 log = logging.getLogger("omnicompile")
 
@@ -359,13 +360,12 @@ class Runtime(abc.ABC):
         self.report.add_step(StepRecord(call.generation, call.step, call.slot, t, decisions, flops_saved,
                                             list(forced), signals or {}, call.model, call.place.why))
 
-    def call_costs(self, saved: float, configs: Callable) -> "CallCosts":
+    def call_costs(self, saved: float, configs: Callable) -> CallCosts:
         """What a computed and a reused call cost (:class:`~omnicompile.targets.CallCosts`):
         with the backend's timer (``target_cost="measured"``) the two graphs
         ``configs(timer) -> ((graph, extra inputs), (graph, extra inputs))`` timed eagerly
         against Dynamo's graph; else — or when timing fails outside strict mode, or measures no
         saving — the share model ``(1, 1 - saved)``."""
-        from omnicompile.targets import CallCosts
         share = CallCosts.of(saved)
         timer = self.ctx.timer
         if timer is None:

@@ -57,6 +57,8 @@ class SpanRuntime(Runtime):
         self._sets: dict[tuple, int] = {}        # span names -> index of the span set (graph names)
         self._known: dict[str, object] = {}       # span name -> span, of every set
         super().__init__(ctx, spans if spans is not None else policy.select_spans(ctx))
+        #: variants rewritten to be timed (:meth:`_timed_variants`), compiled by :meth:`build` as they are
+        self._prebuilt: dict[str, object] = {}
         bind = getattr(policy, "bind_cost", None)      # a policy with a target speedup sizes its schedule
         if bind is not None:
             bind(self.call_costs(saved_fraction(self.spans, self.report.flops_per_call, ctx.node_seconds),
@@ -71,6 +73,7 @@ class SpanRuntime(Runtime):
         self._pending: list = []
         self._oks: dict = {}
         self.build(self.spans)
+        self._prebuilt.clear()        # those the guard did not compile (cond) are not kept
 
     # ------------------------------------------------------------------ the schedule
     def spans_for(self, call: Call) -> list:
@@ -150,8 +153,10 @@ class SpanRuntime(Runtime):
                        "residuals: live streams, span by span")
                 sig += "; then per computed span a 0-d bool: its new residuals are all finite"
                 examples = self.examples(self._residual_specs(spans, dec))
-            fn = self.compile(key, build_variant(self.gm, spans, dec, finite=True, extrapolate=self.extrapolate),
-                              examples, sig)
+            g = self._prebuilt.pop(key, None)
+            if g is None:
+                g = build_variant(self.gm, spans, dec, finite=True, extrapolate=self.extrapolate)
+            fn = self.compile(key, g, examples, sig)
         return fn
 
     def _timed_variants(self, timer) -> tuple:
@@ -161,6 +166,7 @@ class SpanRuntime(Runtime):
         for d in (False, True):
             dec = (d,) * len(self.spans)
             g = build_variant(self.gm, self.spans, dec, finite=True, extrapolate=self.extrapolate)
+            self._prebuilt[self._name(self.spans, variant_key(dec))] = g
             if self.extrapolate:
                 extra = []
                 for sp in self.spans:
